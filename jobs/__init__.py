@@ -1,0 +1,1 @@
+"""Entry points for jobs (`python -m jobs.<name>`): parse arguments, read data, call the pipelines, write."""

@@ -1,0 +1,284 @@
+"""From a model name to a ready module: resolve -> config.json -> meta build -> stream weights -> place.
+
+resolve      a local folder, or a Hub id through the huggingface_hub cache (HF_HOME, HF_HUB_CACHE and
+             HF_HUB_OFFLINE are honoured by huggingface_hub itself; `revision` pins a branch, tag or commit)
+build        the class's config dataclass from config.json, the module built on the meta device (no memory)
+stream       safetensors files (single or sharded) read tensor by tensor, renamed by the family's table,
+             cast to `dtype`, checked strictly against the module (missing, unexpected, wrong shape)
+place        `device`, or `device_map` through accelerate (auto / balanced / dict, max_memory, disk offload),
+             and optional int8 weight-only quantization of the linear layers
+No remote code is ever run. Pickled `.bin` weights are refused unless `allow_pickle=True`, and then read
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.layers import Int8Linear
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+QUANTIZATIONS = (None, "int8")
+# What a model folder may need: weights are chosen after listing (safetensors preferred over pickles).
+HUB_PATTERNS = [
+    "*.json", "*.txt", "*.model", "*.safetensors", "*/config.json", "*/*.safetensors",
+]  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the module it is loaded into (missing, unexpected or mis-shaped keys)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model is materialised, chosen once per pipeline: never read from inside model code."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+    quantization: str | None = None
+    allow_pickle: bool = False
+
+    @classmethod
+    def create(cls, *, device=None, dtype=None, device_map=None, max_memory=None, offload_folder=None,
+               quantization=None, allow_pickle=False, config: dict | None = None) -> "RuntimeConfig":  # fmt: skip
+        if device is not None and device_map is not None:
+            raise ValueError("pass either device or device_map, not both")
+        if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+            raise ValueError(f"unknown device_map {device_map!r}; allowed: {DEVICE_MAPS} or a dict of module -> device")
+        if device_map is not None and not isinstance(device_map, (str, dict)):
+            raise TypeError(f"device_map must be a string or a dict, got {type(device_map).__name__}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; allowed: {QUANTIZATIONS}")
+        return cls(parse_device(device), parse_dtype(dtype, config), device_map, max_memory, offload_folder,
+                   quantization, allow_pickle)  # fmt: skip
+
+
+def parse_dtype(dtype, config: dict | None = None) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (and short forms), a torch.dtype, 'auto' (config.json's), or None (float32)."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float32"
+        return parse_dtype(stored)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(DTYPES)}, 'auto', or the torch dtypes")
+
+
+def parse_device(device) -> torch.device:
+    """None (cpu), 'cpu', 'cuda', 'cuda:N', 'mps', an int (-1 = cpu, N = cuda:N) or a torch.device."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise TypeError(f"device must be a string, an int or a torch.device, got {type(device).__name__}")
+    if isinstance(device, int):
+        device = "cpu" if device < 0 else f"cuda:{device}"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {device!r}; allowed: 'cpu', 'cuda', 'cuda:N', 'mps' or an int") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA device; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device type {device.type!r}; allowed: cpu, cuda, mps")
+    return device
+
+
+# -- resolution -----------------------------------------------------------------------------------------
+def resolve(model: str | Path, revision: str | None = None) -> Path:
+    """A local model folder, or the snapshot folder of Hub id `model` at `revision` (downloaded if online)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model folder {name!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(
+            f"model {name!r} (revision {revision or 'main'}) is not in the Hugging Face cache and could not be "
+            f"downloaded ({type(e).__name__}). On an offline machine, import a local copy first: "
+            f"`python -m pipelines.cache import FOLDER {name}`"
+        ) from e
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# -- weights ----------------------------------------------------------------------------------------------
+def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    """The checkpoint files of `folder`, safetensors first; pickles only with `allow_pickle`."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
+        index, file = folder / index_name, folder / single
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [folder / s for s in shards]
+        elif file.is_file():
+            files = [file]
+        else:
+            continue
+        if single.endswith(".bin") and not allow_pickle:
+            raise ValueError(
+                f"{folder} holds only pickled weights ({files[0].name}); unpickling can run arbitrary code. "
+                "Convert them to safetensors, or pass allow_pickle=True to read them with torch.load(weights_only=True)"
+            )
+        return files
+    raise FileNotFoundError(f"no model.safetensors (or sharded index) in {folder}")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
+    """Stream checkpoint tensors into a meta-built `model`, renamed by its class's table, strictly checked."""
+    cls = type(model)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    dropped = []
+    for key, tensor in iter_tensors(files):
+        name = cls.rename_checkpoint_key(key)
+        if name is None:
+            dropped.append(key)
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"checkpoint key {key!r} (as {name!r}) has no place in {cls.__name__}; "
+                f"its weights are: {_sample(expected)}"
+            )
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, {cls.__name__}.{name} needs "
+                f"{tuple(expected[name].shape)}; does config.json match the weights?"
+            )
+        loaded[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for target, source in getattr(cls, "tied_weights", {}).items():
+        if target not in loaded and source in loaded:
+            loaded[target] = loaded[source]
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint in {files[0].parent} has no weight for {missing[0]!r} needed by {cls.__name__} "
+            f"({len(missing)} missing in all: {_sample(missing)}); the checkpoint has: {_sample(loaded)}"
+        )
+    if dropped:
+        logger.info("%s: ignored %d checkpoint keys not used by this head: %s", cls.__name__, len(dropped), _sample(dropped))
+    model.load_state_dict(loaded, strict=True, assign=True)
+
+
+def _sample(keys, n: int = 12) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+# -- the whole path -------------------------------------------------------------------------------------
+def build_model(cls: type[nn.Module], config: dict) -> nn.Module:
+    """`cls` from config.json on the meta device: no memory is used until weights are assigned."""
+    model_config = cls.config_class.from_hf(config)
+    with torch.device("meta"):
+        return cls(model_config)
+
+
+def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, config: dict | None = None) -> nn.Module:
+    config = read_config(folder) if config is None else config
+    model = build_model(cls, config)
+    load_weights(model, weight_files(folder, runtime.allow_pickle), runtime.dtype)
+    model.eval()
+    if runtime.quantization == "int8":
+        quantize_int8(model)
+    if runtime.device_map is not None:
+        return dispatch(model, runtime)
+    return model.to(runtime.device)
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Per-channel int8 weight-only copies of every nn.Linear whose weight is not shared (tied) with
+    another parameter. Returns the number of layers replaced."""
+    shared = _shared_weights(model)
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and id(child.weight) not in shared:
+                setattr(module, name, Int8Linear.from_linear(child))
+                count += 1
+    return count
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def dispatch(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:
+    """Place `model` by `runtime.device_map` through accelerate; 'disk' entries need `offload_folder`."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    device_map = runtime.device_map
+    if isinstance(device_map, str):
+        # Transformer blocks (the members of ModuleLists) are never split across devices.
+        no_split = sorted({type(m).__name__ for ml in model.modules() if isinstance(ml, nn.ModuleList) for m in ml})
+        max_memory = runtime.max_memory
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=runtime.dtype, low_zero=device_map == "balanced_low_0")  # fmt: skip
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=runtime.dtype)  # fmt: skip
+    if "disk" in device_map.values() and runtime.offload_folder is None:
+        raise ValueError("device_map offloads to 'disk': pass offload_folder=PATH for the offloaded weights")
+    model = dispatch_model(model, device_map=device_map, offload_dir=runtime.offload_folder)
+    model.hf_device_map = device_map
+    return model
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its first weights (the embeddings), cpu for offloaded ones."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        return torch.device("cpu" if first in ("cpu", "disk") else first if isinstance(first, str) else f"cuda:{first}")
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

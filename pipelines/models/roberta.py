@@ -1,0 +1,311 @@
+"""RoBERTa and XLM-RoBERTa (the same architecture under other names): config, encoder, heads, checkpoint names.
+
+Differences from BERT: position ids count real tokens only and start after `pad_token_id` (fairseq style),
+the classification head is dense + tanh + out_proj on <s> with no pooler, and the masked-LM head is `lm_head`.
+Every class returns one tensor from `forward(input_ids, attention_mask=None, token_type_ids=None)`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines import layers
+
+
+def _id2label(d: dict) -> tuple[str, ...]:
+    """config.json's id2label as a tuple indexed by class id; LABEL_i names when it has none."""
+    if d.get("id2label"):
+        id2label = {int(i): label for i, label in d["id2label"].items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
+        return tuple(id2label[i] for i in range(len(id2label)))
+    return tuple(f"LABEL_{i}" for i in range(d.get("num_labels", 2)))
+
+
+@dataclass(frozen=True)
+class RobertaConfig:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 1
+    tie_word_embeddings: bool = True
+    num_labels: int = 2
+    id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")
+    problem_type: str | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> RobertaConfig:
+        """Read a config.json dict; ValueError naming the key and value for anything not implemented here."""
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type={d['position_embedding_type']!r} is not supported; supported: 'absolute'"
+            )
+        for key in ("is_decoder", "add_cross_attention"):
+            if d.get(key):
+                raise ValueError(f"{key}={d[key]!r} is not supported: this RoBERTa is a bidirectional encoder only")
+        if "pad_token_id" in d and not isinstance(d["pad_token_id"], int):
+            raise ValueError(f"pad_token_id={d['pad_token_id']!r}: RoBERTa needs an integer to number positions")
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("id2label", "num_labels")}
+        id2label = _id2label(d)
+        config = cls(**fields, id2label=id2label, num_labels=len(id2label))
+        layers.activation(config.hidden_act)  # raises for an unknown activation
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={config.hidden_size} is not divisible by num_attention_heads={config.num_attention_heads}"
+            )
+        return config
+
+
+class RobertaEmbeddings(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.padding_idx = config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        T, n_pos = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if T + self.padding_idx >= n_pos:
+            raise ValueError(
+                f"sequence of {T} tokens is too long: positions start at {self.padding_idx + 1} and "
+                f"max_position_embeddings={n_pos}, so at most {n_pos - self.padding_idx - 1} tokens fit"
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        real = input_ids.ne(self.padding_idx).long()  # (B, T)
+        positions = torch.cumsum(real, dim=1) * real + self.padding_idx  # (B, T): padding keeps padding_idx
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, C)
+        return self.LayerNorm(x + self.position_embeddings(positions))
+
+
+class RobertaSelfAttention(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (
+            proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            for proj in (self.query, self.key, self.value)
+        )
+        return layers.attention(q, k, v, mask)  # (B, T, C)
+
+
+class RobertaResidualOutput(nn.Module):
+    """dense, add the residual, LayerNorm: `attention.output` and `output` in checkpoints."""
+
+    def __init__(self, n_in: int, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(n_in, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class RobertaAttention(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.self = RobertaSelfAttention(config)
+        self.output = RobertaResidualOutput(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class RobertaIntermediate(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = layers.activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))  # (B, T, intermediate_size)
+
+
+class RobertaLayer(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.attention = RobertaAttention(config)
+        self.intermediate = RobertaIntermediate(config)
+        self.output = RobertaResidualOutput(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention(x, mask)  # (B, T, C)
+        return self.output(self.intermediate(x), x)  # (B, T, C)
+
+
+class RobertaEncoder(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(RobertaLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for block in self.layer:
+            x = block(x, mask)
+        return x
+
+
+# Checkpoint key -> our key, applied in order; one line per deviation. None drops the key.
+RENAMES = [
+    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),  # TF-era checkpoints
+    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
+    (re.compile(r"^(embeddings|encoder|pooler)\."), r"roberta.\1."),  # bare base checkpoint: no `roberta.` prefix
+    (re.compile(r"\.position_ids$"), None),  # legacy buffer
+    (re.compile(r"^lm_head\.decoder\.bias$"), None),  # a copy of the tied lm_head.bias
+]
+# Parts that only some classes have (no class here uses the pooler of a RobertaModel checkpoint); see `heads`.
+HEAD_KEYS = re.compile(r"^(roberta\.pooler|classifier|qa_outputs|lm_head)\.")
+
+
+class RobertaPreTrainedModel(nn.Module):
+    """What the loader reads off every RoBERTa class: its config class, key renames and tied weights."""
+
+    config_class = RobertaConfig
+    tied_weights: dict[str, str] = {}  # our state_dict key -> the key it is copied from when a checkpoint omits it
+    heads: re.Pattern | None = None  # the HEAD_KEYS this class owns
+    bare = False  # True for RobertaModel, whose keys lack the `roberta.` prefix
+
+    @classmethod
+    def rename_checkpoint_key(cls, key: str) -> str | None:
+        """A checkpoint key as this class's state_dict key; None for keys of other heads and legacy buffers."""
+        for pattern, replacement in RENAMES:
+            if pattern.search(key):
+                if replacement is None:
+                    return None
+                key = pattern.sub(replacement, key)
+        if HEAD_KEYS.match(key) and not (cls.heads and cls.heads.match(key)):
+            return None
+        return key.removeprefix("roberta.") if cls.bare else key
+
+
+class RobertaModel(RobertaPreTrainedModel):
+    """The encoder alone -> last hidden state (B, T, C); a checkpoint's pooler is dropped (nothing uses it)."""
+
+    bare = True
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = RobertaEmbeddings(config)
+        self.encoder = RobertaEncoder(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        return self.encoder(x, layers.padding_mask(attention_mask, x.dtype))  # (B, T, C)
+
+
+class RobertaClassificationHead(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.dense(x[:, 0])))  # (B, num_labels) from the <s> position
+
+
+class RobertaForSequenceClassification(RobertaPreTrainedModel):
+    heads = re.compile(r"^classifier\.")
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config)
+        self.classifier = RobertaClassificationHead(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.classifier(self.roberta(input_ids, attention_mask, token_type_ids))  # (B, num_labels)
+
+
+class RobertaForTokenClassification(RobertaPreTrainedModel):
+    heads = re.compile(r"^classifier\.")
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.classifier(self.roberta(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
+
+
+class RobertaForQuestionAnswering(RobertaPreTrainedModel):
+    heads = re.compile(r"^qa_outputs\.")
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.qa_outputs(self.roberta(input_ids, attention_mask, token_type_ids))  # (B, T, 2): start, end
+
+
+class RobertaLMHead(nn.Module):
+    """dense, exact GELU (whatever hidden_act says, as in Hugging Face), layer_norm, tied decoder plus `bias`."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.empty(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(F.gelu(self.dense(x), approximate='tanh'))  # (B, T, C)
+        return self.decoder(x) + self.bias  # (B, T, vocab_size)
+
+
+class RobertaForMaskedLM(RobertaPreTrainedModel):
+    heads = re.compile(r"^lm_head\.")
+    tied_weights = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config)
+        self.lm_head = RobertaLMHead(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.lm_head(self.roberta(input_ids, attention_mask, token_type_ids))  # (B, T, vocab_size)
+
+
+# XLM-RoBERTa: the same architecture and checkpoint names (`roberta.` prefix included) under its own class names.
+class XLMRobertaModel(RobertaModel):
+    pass
+
+
+class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
+    pass
+
+
+class XLMRobertaForTokenClassification(RobertaForTokenClassification):
+    pass
+
+
+class XLMRobertaForQuestionAnswering(RobertaForQuestionAnswering):
+    pass
+
+
+class XLMRobertaForMaskedLM(RobertaForMaskedLM):
+    pass

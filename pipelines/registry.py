@@ -1,0 +1,126 @@
+"""Plain tables: tasks, their aliases and default models; model families and their heads.
+
+`model_type` (config.json) x head -> model class; `architectures[0]` (config.json) -> (model_type, head);
+head -> the task it serves when only a model is given. Custom tasks join through `register_pipeline`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from pipelines.models import bert, distilbert, roberta
+from pipelines.tasks.feature_extraction import FeatureExtractionPipeline
+from pipelines.tasks.sentence_embeddings import SentenceEmbeddingsPipeline
+from pipelines.tasks.text_classification import TextClassificationPipeline
+
+HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm")
+
+
+def _family(module, prefix: str) -> dict:
+    suffixes = {"base": "Model", "sequence-classification": "ForSequenceClassification",
+                "token-classification": "ForTokenClassification",
+                "question-answering": "ForQuestionAnswering", "masked-lm": "ForMaskedLM"}  # fmt: skip
+    return {head: getattr(module, prefix + suffix) for head, suffix in suffixes.items()}
+
+
+# config.json `model_type` -> head -> class
+MODEL_CLASSES: dict[str, dict[str, type]] = {
+    "bert": _family(bert, "Bert"),
+    "roberta": _family(roberta, "Roberta"),
+    "xlm-roberta": _family(roberta, "XLMRoberta"),
+    "distilbert": _family(distilbert, "DistilBert"),
+}
+
+# config.json `architectures[0]` -> (model_type, head)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    cls.__name__: (model_type, head) for model_type, heads in MODEL_CLASSES.items() for head, cls in heads.items()
+}
+
+# the task a checkpoint serves when `pipeline(model=...)` is given no task
+HEAD_TASKS = {
+    "base": "feature-extraction",
+    "sequence-classification": "text-classification",
+    "token-classification": "token-classification",
+    "question-answering": "question-answering",
+    "masked-lm": "fill-mask",
+}
+
+
+@dataclass
+class TaskSpec:
+    pipeline_class: type
+    model_classes: str | dict[str, type] | None  # a head name, {model_type: class}, or None (tokenizer only)
+    default: str | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "text-classification": TaskSpec(TextClassificationPipeline, "sequence-classification",
+                                    "distilbert/distilbert-base-uncased-finetuned-sst-2-english", ("sentiment-analysis",)),
+    "feature-extraction": TaskSpec(FeatureExtractionPipeline, "base", "distilbert/distilbert-base-cased"),
+    "sentence-embeddings": TaskSpec(SentenceEmbeddingsPipeline, "base", "sentence-transformers/all-MiniLM-L6-v2",
+                                    ("embeddings",)),
+}  # fmt: skip
+
+
+def aliases() -> dict[str, str]:
+    return {alias: task for task, spec in TASKS.items() for alias in spec.aliases}
+
+
+def canonical_task(task: str) -> str:
+    """The registered task name for `task` or an alias; ValueError suggesting the nearest names."""
+    if not isinstance(task, str):
+        raise TypeError(f"task must be a string, got {type(task).__name__}")
+    names = aliases()
+    if task in TASKS:
+        return task
+    if task in names:
+        return names[task]
+    known = sorted([*TASKS, *names])
+    close = difflib.get_close_matches(task, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown task {task!r}; {hint}known tasks: {', '.join(known)}")
+
+
+def model_class(task: str, config: dict) -> type:
+    """The class that serves `task` for the checkpoint described by config.json."""
+    spec = TASKS[task]
+    model_type = config.get("model_type")
+    if isinstance(spec.model_classes, dict):
+        table = spec.model_classes
+    else:
+        if model_type not in MODEL_CLASSES:
+            raise ValueError(f"unsupported model_type {model_type!r} (architectures {config.get('architectures')}); "
+                             f"supported: {sorted(MODEL_CLASSES)} with architectures {sorted(ARCHITECTURES)}")  # fmt: skip
+        table = {model_type: MODEL_CLASSES[model_type][spec.model_classes]}
+    if model_type not in table:
+        raise ValueError(f"task {task!r} supports model types {sorted(table)}, not {model_type!r}")
+    return table[model_type]
+
+
+def infer_task(config: dict, has_sentence_transformers_files: bool) -> str:
+    """The task of a checkpoint from its config.json architecture (sentence-transformers folders embed)."""
+    if has_sentence_transformers_files:
+        return "sentence-embeddings"
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ValueError("config.json lists no architectures: pass the task explicitly")
+    if archs[0] not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    task = HEAD_TASKS[ARCHITECTURES[archs[0]][1]]
+    if task not in TASKS:
+        raise ValueError(f"architecture {archs[0]} serves task {task!r}, which is not available yet; "
+                         f"available: {sorted(TASKS)}")  # fmt: skip
+    return task
+
+
+def register_pipeline(task: str, pipeline_class: type, model_classes=None, *, default: str | None = None,
+                      aliases: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Add (or replace) a task. `model_classes`: a head name from HEADS (any family's class for that head),
+    a dict {model_type: class}, or None for a pipeline that needs no model weights."""
+    if isinstance(model_classes, str) and model_classes not in HEADS:
+        raise ValueError(f"unknown head {model_classes!r}; allowed: {HEADS}, a dict of model_type -> class, or None")
+    if model_classes is not None and not isinstance(model_classes, (str, dict)):
+        raise TypeError(f"model_classes must be a head name, a dict or None, got {type(model_classes).__name__}")
+    TASKS[task] = TaskSpec(pipeline_class, model_classes, default, tuple(aliases))

@@ -1,0 +1,1 @@
+"""One task per file; each registers nothing itself: the tables live in pipelines/registry.py."""

@@ -1,0 +1,171 @@
+"""A thin layer over `tokenizers.Tokenizer`: the files of a Hub folder, truncation, pairs, offsets, overflow.
+
+The padding and truncation stored in tokenizer.json are switched off on load (the MiniLM checkpoint, for
+one, pads everything to 128): padding belongs to the batcher, which pads each micro-batch to its
+longest member, and truncation is asked for per call with the pipeline's maximum length.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+
+# tokenizer_config.json stores "no limit" as a huge integer (int(1e30)); anything above this means unset.
+_UNSET_MAX_LENGTH = 1_000_000
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second")
+
+
+@dataclass
+class Encoding:
+    """One tokenized input (or one overflow window of it), unpadded."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    offsets: list[tuple[int, int]]
+    special_tokens_mask: list[int]
+    word_ids: list[int | None]
+    sequence_ids: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def model_inputs(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids}
+
+
+def _encoding(e: tokenizers.Encoding) -> Encoding:
+    return Encoding(e.ids, e.type_ids, e.offsets, e.special_tokens_mask, e.word_ids, e.sequence_ids)
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as {"content": "[MASK]", ...}
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Encodes text and text pairs for a model; knows its special tokens and maximum length."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special_tokens: dict[str, str] | None = None,
+        model_max_length: int | None = None,
+        padding_side: str = "right",
+    ):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        backend.no_padding()
+        backend.no_truncation()
+        self._backend = backend
+        self._truncating: dict[tuple, tokenizers.Tokenizer] = {}
+        self._lock = threading.Lock()
+        self.special_tokens = dict(special_tokens or {})
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in {folder}; only fast-tokenizer folders are supported "
+                f"(files present: {sorted(p.name for p in folder.iterdir())})"
+            )
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {k: _token_content(v) for k, v in _read_json(folder / "special_tokens_map.json").items()}
+        special.update({k: _token_content(config[k]) for k in _SPECIAL_KEYS if config.get(k) is not None})
+        max_length = config.get("model_max_length")
+        if max_length is not None and max_length > _UNSET_MAX_LENGTH:
+            max_length = None
+        return cls(
+            tokenizers.Tokenizer.from_file(str(path)),
+            special_tokens={k: v for k, v in special.items() if k in _SPECIAL_KEYS and v is not None},
+            model_max_length=max_length,
+            padding_side=config.get("padding_side", "right"),
+        )
+
+    # -- special tokens -------------------------------------------------------------------------
+    def token_id(self, name: str) -> int | None:
+        """Id of a special token by role ('pad_token', 'mask_token', ...), None if the tokenizer has none."""
+        token = self.special_tokens.get(name)
+        return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.token_id("pad_token")
+        return 0 if pad is None else pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self._backend.id_to_token(i) for i in ids]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def num_special_tokens(self, pair: bool = False) -> int:
+        return self._backend.num_special_tokens_to_add(pair)
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def _configured(self, max_length: int | None, stride: int, strategy: str) -> tokenizers.Tokenizer:
+        """A copy of the backend with this truncation set, cached: one backend is never reconfigured."""
+        if max_length is None:
+            return self._backend
+        if strategy not in TRUNCATION_STRATEGIES:
+            raise ValueError(f"unknown truncation strategy {strategy!r}; allowed: {TRUNCATION_STRATEGIES}")
+        key = (max_length, stride, strategy)
+        with self._lock:
+            backend = self._truncating.get(key)
+            if backend is None:
+                backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+                backend.enable_truncation(max_length, stride=stride, strategy=strategy)
+                self._truncating[key] = backend
+        return backend
+
+    def encode(
+        self,
+        text: str,
+        pair: str | None = None,
+        *,
+        max_length: int | None = None,
+        stride: int = 0,
+        truncation: str = "longest_first",
+        add_special_tokens: bool = True,
+        return_overflowing: bool = False,
+    ) -> Encoding | list[Encoding]:
+        """Tokenize one text (or pair). With `return_overflowing`, every window of `max_length`
+        tokens overlapping by `stride` is returned as a list, the first window first."""
+        if max_length is not None and max_length < self.num_special_tokens(pair is not None) + 1:
+            raise ValueError(f"max_length={max_length} leaves no room for text next to the special tokens")
+        backend = self._configured(max_length, stride, truncation)
+        encoded = backend.encode(text, pair, add_special_tokens=add_special_tokens)
+        if not return_overflowing:
+            return _encoding(encoded)
+        return [_encoding(encoded)] + [_encoding(o) for o in encoded.overflowing]
+
+    def encode_batch(self, texts: list[str], pairs: list[str] | None = None, **kwargs) -> list[Encoding]:
+        pairs = pairs if pairs is not None else [None] * len(texts)
+        return [self.encode(t, p, **kwargs) for t, p in zip(texts, pairs)]
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+            f"padding_side={self.padding_side!r})"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

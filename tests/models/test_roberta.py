@@ -1,0 +1,163 @@
+"""RoBERTa and XLM-RoBERTa parity with transformers on tiny checkpoints, full-size key mapping, config errors."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from pipelines.models import roberta
+from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_native, load_reference, make_checkpoint
+
+SUFFIXES = {
+    "base": "Model",
+    "sequence-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
+    "question-answering": "ForQuestionAnswering",
+    "masked-lm": "ForMaskedLM",
+}
+PREFIXES = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
+FAMILIES = list(PREFIXES)
+BATCH = [SENTENCES[1], SENTENCES[0], SENTENCES[2]]  # three lengths, so two rows are padded
+
+
+def ours(family: str, head: str):
+    return getattr(roberta, PREFIXES[family] + SUFFIXES[head])
+
+
+def theirs(family: str, head: str):
+    return getattr(transformers, PREFIXES[family] + SUFFIXES[head])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {
+        (family, head): make_checkpoint(tmp_path_factory.mktemp(f"{family}-{head}"), family, head)
+        for family in FAMILIES
+        for head in HEADS
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", HEADS)
+def test_parity_padded_batch(checkpoints, family, head):
+    """Each class equals transformers on a right-padded batch (guards padding-aware position ids, heads, tied decoder)."""
+    path = checkpoints[family, head]
+    batch = encode(path, BATCH)
+    assert batch["attention_mask"].sum(1).unique().numel() == 3
+    assert_parity(load_native(path, ours(family, head)), load_reference(path, head), head, batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_sentence_pairs(checkpoints, family):
+    """Pair inputs (<s> A </s></s> B </s>) match with no token_type_ids given, as the tokenizer produces none."""
+    path = checkpoints[family, "question-answering"]
+    batch = encode(path, [SENTENCES[0], SENTENCES[7]], [SENTENCES[1], SENTENCES[3]])
+    assert_parity(load_native(path, ours(family, "question-answering")), load_reference(path, "question-answering"),
+                  "question-answering", batch)
+
+
+def test_position_ids_skip_padding(checkpoints):
+    """A padded row gives the same real-token outputs as the same sentence alone (positions count real tokens only)."""
+    path = checkpoints["roberta", "base"]
+    model = load_native(path, roberta.RobertaModel)
+    padded, alone = encode(path, [SENTENCES[0], SENTENCES[2]]), encode(path, [SENTENCES[0]])
+    n = int(alone["attention_mask"].sum())
+    with torch.no_grad():
+        row = model(padded["input_ids"], padded["attention_mask"])[0, :n]
+        single = model(alone["input_ids"], alone["attention_mask"])[0]
+    torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+
+
+def test_xlm_roberta_classes_are_roberta():
+    """XLM-R classes share RoBERTa's config, names and checkpoint prefix (`roberta.`), so one rename table serves both."""
+    assert roberta.XLMRobertaForMaskedLM.config_class is roberta.RobertaConfig
+    assert roberta.XLMRobertaForMaskedLM.tied_weights == roberta.RobertaForMaskedLM.tied_weights
+    assert issubclass(roberta.XLMRobertaModel, roberta.RobertaModel)
+
+
+def test_tied_mlm_weights_are_omitted_and_filled(checkpoints):
+    """transformers 5 writes lm_head.bias but neither decoder weight nor bias; `tied_weights` supplies the weight."""
+    path = checkpoints["roberta", "masked-lm"]
+    with safe_open(path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.bias" in keys
+    assert not {"lm_head.decoder.weight", "lm_head.decoder.bias"} & keys
+    model = load_native(path, roberta.RobertaForMaskedLM)
+    torch.testing.assert_close(model.lm_head.decoder.weight, model.roberta.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_checkpoint(tmp_path, family):
+    """A checkpoint split over several safetensors files with an index loads to the same outputs."""
+    path = make_checkpoint(tmp_path, family, "token-classification", sharded=True)
+    assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    assert_parity(load_native(path, ours(family, "token-classification")),
+                  load_reference(path, "token-classification"), "token-classification", encode(path, BATCH))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", ["sequence-classification", "masked-lm"])
+def test_head_checkpoint_into_bare_model(checkpoints, family, head):
+    """A head checkpoint loads into the bare model (prefix stripped, head keys dropped) and equals AutoModel."""
+    path = checkpoints[family, head]
+    assert_parity(load_native(path, ours(family, "base")), load_reference(path), "base", encode(path, BATCH))
+
+
+def test_bare_checkpoint_keys_get_the_prefix():
+    """Keys of a bare RobertaModel checkpoint map into a head model; legacy names and buffers are handled."""
+    rename = roberta.RobertaForTokenClassification.rename_checkpoint_key
+    assert rename("embeddings.word_embeddings.weight") == "roberta.embeddings.word_embeddings.weight"
+    assert rename("encoder.layer.0.output.LayerNorm.gamma") == "roberta.encoder.layer.0.output.LayerNorm.weight"
+    assert rename("pooler.dense.weight") is None
+    assert rename("roberta.embeddings.position_ids") is None
+    assert rename("lm_head.dense.weight") is None
+    assert rename("something.unknown") == "something.unknown"  # left for the loader to report
+    assert roberta.RobertaModel.rename_checkpoint_key("roberta.pooler.dense.weight") is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", HEADS)
+def test_full_size_key_mapping(family, head):
+    """Every key of a roberta-base-sized transformers model maps onto exactly our keys with equal shapes (meta device)."""
+    config_class = transformers.RobertaConfig if family == "roberta" else transformers.XLMRobertaConfig
+    hf_config = config_class(max_position_embeddings=514, num_labels=2 if head == "question-answering" else 3)
+    with torch.device("meta"):
+        hf = theirs(family, head)(hf_config)
+        model = ours(family, head)(roberta.RobertaConfig.from_hf(hf_config.to_dict()))
+    mapped = {ours(family, head).rename_checkpoint_key(k): v.shape for k, v in hf.state_dict().items()}
+    mapped.pop(None, None)
+    assert mapped == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_from_hf_rejects_unsupported():
+    """from_hf raises ValueError naming an unsupported position_embedding_type, decoder use or missing pad id."""
+    with pytest.raises(ValueError, match="relative_key"):
+        roberta.RobertaConfig.from_hf({"position_embedding_type": "relative_key"})
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        roberta.RobertaConfig.from_hf({"add_cross_attention": True})
+    with pytest.raises(ValueError, match="pad_token_id"):
+        roberta.RobertaConfig.from_hf({"pad_token_id": None})
+    assert roberta.RobertaConfig.from_hf({"id2label": {"1": "b", "0": "a"}}).id2label == ("a", "b")
+
+
+def test_too_long_input_names_the_limit(checkpoints):
+    """64 tokens fit 66 positions (they start after the pad id); 65 is a ValueError naming the limit."""
+    model = load_native(checkpoints["roberta", "base"], roberta.RobertaModel)
+    assert model(torch.full((1, 64), 5)).shape == (1, 64, 32)
+    with pytest.raises(ValueError, match="max_position_embeddings=66"):
+        model(torch.full((1, 65), 5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_folder_agrees_with_tokenizers(checkpoints, family):
+    """AutoTokenizer on a test folder gives the same ids as tokenizers.Tokenizer on its tokenizer.json."""
+    path = checkpoints[family, "base"]
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    texts = SENTENCES + [f"Paris is the {hf.mask_token} of France."]
+    assert hf(texts)["input_ids"] == [e.ids for e in tok.encode_batch(texts)]
+    assert hf(SENTENCES[0], SENTENCES[1])["input_ids"] == tok.encode(SENTENCES[0], SENTENCES[1]).ids
+    assert max(len(e.ids) for e in tok.encode_batch(SENTENCES)) <= 64
