@@ -272,7 +272,7 @@ class RobertaLMHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(config.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer_norm(F.gelu(self.dense(x), approximate='tanh'))  # (B, T, C)
+        x = self.layer_norm(F.gelu(self.dense(x)))  # (B, T, C)
         return self.decoder(x) + self.bias  # (B, T, vocab_size)
 
 

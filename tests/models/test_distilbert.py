@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 from pipelines.models import distilbert
 from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_native, load_reference, make_checkpoint
@@ -105,3 +106,13 @@ def test_from_hf_reads_sizes_and_rejects_unsupported():
         distilbert.DistilBertConfig.from_hf({"activation": "quick_gelu_x"})
     with pytest.raises(ValueError, match="n_heads=5"):
         distilbert.DistilBertConfig.from_hf({"dim": 64, "n_heads": 5})
+
+
+def test_tokenizer_folder_agrees_with_tokenizers(checkpoints):
+    """AutoTokenizer (DistilBertTokenizer) on a test folder gives the same ids as tokenizers.Tokenizer."""
+    path = checkpoints["base"]
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    ours = Tokenizer.from_file(str(path / "tokenizer.json"))
+    texts = SENTENCES + [f"Paris is the {hf.mask_token} of France."]
+    assert type(hf).__name__.startswith("DistilBert")
+    assert hf(texts)["input_ids"] == [e.ids for e in ours.encode_batch(texts)]

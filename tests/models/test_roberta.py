@@ -71,6 +71,17 @@ def test_position_ids_skip_padding(checkpoints):
     torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
 
 
+def test_position_ids_follow_input_ids_under_left_padding(checkpoints):
+    """Positions come from input_ids != pad (as in HF), not from the column index: a left-padded batch still matches."""
+    path = checkpoints["roberta", "token-classification"]
+    batch = encode(path, BATCH)
+    order = torch.argsort(batch["attention_mask"], dim=1, stable=True)  # padding first, real tokens in order
+    left = {k: torch.gather(v, 1, order) for k, v in batch.items()}
+    assert (left["attention_mask"][:, 0] == 0).any()
+    assert_parity(load_native(path, roberta.RobertaForTokenClassification),
+                  load_reference(path, "token-classification"), "token-classification", left)
+
+
 def test_xlm_roberta_classes_are_roberta():
     """XLM-R classes share RoBERTa's config, names and checkpoint prefix (`roberta.`), so one rename table serves both."""
     assert roberta.XLMRobertaForMaskedLM.config_class is roberta.RobertaConfig
