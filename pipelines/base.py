@@ -43,7 +43,7 @@ class Pipeline(nn.Module):
         self.tokenizer = tokenizer
         self.config = dict(config or {})
         self.model_path = model_path
-        self.batch_size = _positive("batch_size", batch_size or 32)
+        self.batch_size = _positive("batch_size", 32 if batch_size is None else batch_size)
         self.max_batch_tokens = None if max_batch_tokens is None else _positive("max_batch_tokens", max_batch_tokens)
         self.max_length = max_length or tokenizer.model_max_length
         self._params = self._sanitize_parameters(**params)
@@ -124,7 +124,7 @@ class Pipeline(nn.Module):
             raise TypeError(f"expected a string as text_pair, got {type(pair).__name__}")
         kwargs.setdefault("max_length", self.max_length)
         encoding = self.tokenizer.encode(text, pair, **kwargs)
-        if self.max_length is not None and len(encoding) > self.max_length:
+        if not isinstance(encoding, list) and self.max_length is not None and len(encoding) > self.max_length:
             raise ValueError(f"the input has {len(encoding)} tokens, more than the model's maximum of "
                              f"{self.max_length}; leave truncation on to cut it")  # fmt: skip
         return encoding
@@ -136,8 +136,8 @@ class Pipeline(nn.Module):
         if params:
             call_pre, call_fwd, call_post = self._sanitize_parameters(**params)
             pre, fwd, post = {**pre, **call_pre}, {**fwd, **call_fwd}, {**post, **call_post}
-        run = dict(params=(pre, fwd, post), batch_size=_positive("batch_size", batch_size or self.batch_size),
-                   max_batch_tokens=max_batch_tokens, progress=progress)  # fmt: skip
+        batch_size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
+        run = dict(params=(pre, fwd, post), batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress)
         if self._is_single(inputs):
             return next(self._stream([inputs], **run))
         if isinstance(inputs, (list, tuple)):

@@ -72,7 +72,9 @@ def _wordpiece_tokenizer() -> Tokenizer:
     vocab = specials + chars + ["##" + c for c in chars] + _WORDS + ["##" + p for p in _PIECES]
     vocab = list(dict.fromkeys(vocab))  # drop duplicates, keep order
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
@@ -91,10 +93,15 @@ def _bytelevel_bpe_tokenizer() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(SENTENCES + _CORPUS, trainer=trainer)
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False
+    )
     tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
     return tok
 
@@ -126,7 +133,8 @@ def _tokenizer_json(family: str) -> str:
 
 def _special_tokens(family: str) -> dict[str, str]:
     if family in ("bert", "distilbert"):
-        return {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+        names = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        return dict(zip(names, ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")))
     return {
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
         "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
@@ -140,7 +148,12 @@ def write_tokenizer(path: Path, family: str) -> Tokenizer:
     specials = _special_tokens(family)
     added = {
         str(tokenizer.token_to_id(t)): {
-            "content": t, "lstrip": t == "<mask>", "normalized": False, "rstrip": False, "single_word": False, "special": True,
+            "content": t,
+            "lstrip": t == "<mask>",
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in dict.fromkeys(specials.values())
     }

@@ -73,11 +73,9 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if T > self.position_embeddings.num_embeddings:
-            raise ValueError(
-                f"sequence of {T} tokens is longer than max_position_embeddings={self.position_embeddings.num_embeddings}"
-            )
+        T, n_pos = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if T > n_pos:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={n_pos}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(T, device=input_ids.device)  # (T,)

@@ -68,11 +68,9 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if T > self.position_embeddings.num_embeddings:
-            raise ValueError(
-                f"sequence of {T} tokens is longer than max_position_embeddings={self.position_embeddings.num_embeddings}"
-            )
+        T, n_pos = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if T > n_pos:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={n_pos}")
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, T, C)
 

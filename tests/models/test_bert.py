@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("head", HEADS)
 def test_parity_padded_batch(checkpoints, head):
-    """Each BERT class equals transformers on a right-padded batch (guards embeddings, mask, heads, tied MLM decoder)."""
+    """Each BERT class equals transformers on a right-padded batch (embeddings, mask, heads, tied decoder)."""
     batch = encode(checkpoints[head], BATCH)
     assert batch["attention_mask"].sum(1).unique().numel() == 3
     assert_parity(load_native(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head), head, batch)
@@ -76,8 +76,8 @@ def test_sharded_checkpoint(tmp_path):
     path = make_checkpoint(tmp_path, "bert", "sequence-classification", sharded=True)
     assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     batch = encode(path, BATCH)
-    assert_parity(load_native(path, bert.BertForSequenceClassification), load_reference(path, "sequence-classification"),
-                  "sequence-classification", batch)
+    ours = load_native(path, bert.BertForSequenceClassification)
+    assert_parity(ours, load_reference(path, "sequence-classification"), "sequence-classification", batch)
 
 
 @pytest.mark.parametrize("head", ["sequence-classification", "masked-lm"])
@@ -98,7 +98,9 @@ def test_bare_checkpoint_keys_get_the_prefix():
     assert rename("cls.seq_relationship.weight") is None
     assert rename("something.unknown") == "something.unknown"  # left for the loader to report
     assert bert.BertModel.rename_checkpoint_key("bert.pooler.dense.bias") is None
-    assert bert.BertModel.rename_checkpoint_key("bert.encoder.layer.1.output.dense.bias") == "encoder.layer.1.output.dense.bias"
+    assert bert.BertModel.rename_checkpoint_key("bert.encoder.layer.1.output.dense.bias") == (
+        "encoder.layer.1.output.dense.bias"
+    )
 
 
 def test_real_minilm_matches_transformers():
@@ -111,7 +113,7 @@ def test_real_minilm_matches_transformers():
 
 @pytest.mark.parametrize("head", HEADS)
 def test_full_size_key_mapping(head):
-    """Every key of a bert-base-sized transformers model maps onto exactly our keys with equal shapes (meta, no memory)."""
+    """Every key of a bert-base-sized transformers model maps onto exactly our keys and shapes (meta device)."""
     hf_config = transformers.BertConfig(num_labels=2 if head == "question-answering" else 3)
     with torch.device("meta"):
         hf = HF_CLASSES[head](hf_config)
@@ -132,8 +134,8 @@ def test_full_size_head_keys_into_bare_model():
 
 def test_from_hf_reads_labels_and_rejects_unsupported():
     """from_hf takes labels from id2label and raises ValueError naming unsupported values."""
-    config = bert.BertConfig.from_hf({"id2label": {"0": "NEG", "1": "POS"}, "problem_type": "single_label_classification"})
-    assert (config.num_labels, config.id2label) == (2, ("NEG", "POS"))
+    config = bert.BertConfig.from_hf({"id2label": {"0": "NEG", "1": "POS"}, "problem_type": "regression"})
+    assert (config.num_labels, config.id2label, config.problem_type) == (2, ("NEG", "POS"), "regression")
     assert bert.BertConfig.from_hf({"num_labels": 5}).num_labels == 5
     with pytest.raises(ValueError, match="relative_key"):
         bert.BertConfig.from_hf({"position_embedding_type": "relative_key"})

@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("head", HEADS)
 def test_parity_padded_batch(checkpoints, family, head):
-    """Each class equals transformers on a right-padded batch (guards padding-aware position ids, heads, tied decoder)."""
+    """Each class equals transformers on a right-padded batch (position ids, mask, heads, tied decoder)."""
     path = checkpoints[family, head]
     batch = encode(path, BATCH)
     assert batch["attention_mask"].sum(1).unique().numel() == 3
@@ -83,7 +83,7 @@ def test_position_ids_follow_input_ids_under_left_padding(checkpoints):
 
 
 def test_xlm_roberta_classes_are_roberta():
-    """XLM-R classes share RoBERTa's config, names and checkpoint prefix (`roberta.`), so one rename table serves both."""
+    """XLM-R classes share RoBERTa's config, names and checkpoint prefix (`roberta.`), so one table serves both."""
     assert roberta.XLMRobertaForMaskedLM.config_class is roberta.RobertaConfig
     assert roberta.XLMRobertaForMaskedLM.tied_weights == roberta.RobertaForMaskedLM.tied_weights
     assert issubclass(roberta.XLMRobertaModel, roberta.RobertaModel)
@@ -132,7 +132,7 @@ def test_bare_checkpoint_keys_get_the_prefix():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("head", HEADS)
 def test_full_size_key_mapping(family, head):
-    """Every key of a roberta-base-sized transformers model maps onto exactly our keys with equal shapes (meta device)."""
+    """Every key of a roberta-base-sized transformers model maps onto exactly our keys and shapes (meta device)."""
     config_class = transformers.RobertaConfig if family == "roberta" else transformers.XLMRobertaConfig
     hf_config = config_class(max_position_embeddings=514, num_labels=2 if head == "question-answering" else 3)
     with torch.device("meta"):
