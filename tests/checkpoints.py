@@ -126,8 +126,12 @@ def _unigram_tokenizer() -> Tokenizer:
 @functools.cache
 def _tokenizer_json(family: str) -> str:
     """The serialized tokenizer of a family (built once per test session: training is deterministic)."""
-    build = {"bert": _wordpiece_tokenizer, "distilbert": _wordpiece_tokenizer}.get(family)
-    build = build or (_bytelevel_bpe_tokenizer if family == "roberta" else _unigram_tokenizer)
+    build = {
+        "bert": _wordpiece_tokenizer,
+        "distilbert": _wordpiece_tokenizer,
+        "roberta": _bytelevel_bpe_tokenizer,
+        "xlm-roberta": _unigram_tokenizer,
+    }[family]
     return build().to_str()
 
 
@@ -190,7 +194,7 @@ def _hf_config(family: str, head: str, vocab_size: int, num_labels: int, id2labe
         id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
     id2label = {int(i): label for i, label in id2label.items()}
     labels = dict(id2label=id2label, label2id={label: i for i, label in id2label.items()}, problem_type=problem_type)
-    return transformers.AutoConfig.for_model(family, vocab_size=vocab_size, **sizes, **labels, **overrides)
+    return transformers.AutoConfig.for_model(family, **{"vocab_size": vocab_size, **sizes, **labels, **overrides})
 
 
 def make_checkpoint(
