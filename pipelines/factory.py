@@ -48,7 +48,7 @@ def pipeline(task: str | None = None, model=None, *, tokenizer=None, revision: s
     module, max_length = None, tok.model_max_length
     if spec.model_classes is not None:
         cls = registry.model_class(task, hf_config)
-        max_length = _min(max_length, getattr(cls.config_class.from_hf(hf_config), "max_input_length", None))
+        max_length = _min(max_length, cls.config_class.from_hf(hf_config).max_input_length)
         if load_weights:
             module = load_model(folder, cls, runtime, hf_config)
     cls = pipeline_class or spec.pipeline_class

@@ -192,7 +192,8 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
                 f"{tuple(expected[name].shape)}; does config.json match the weights?"
             )
         loaded[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    for target, source in getattr(cls, "tied_weights", {}).items():
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", True)
+    for target, source in getattr(cls, "tied_weights", {}).items() if tied else ():
         if target not in loaded and source in loaded:
             loaded[target] = loaded[source]
     missing = [k for k in expected if k not in loaded]

@@ -43,6 +43,11 @@ class BertConfig:
     id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")
     problem_type: str | None = None
 
+    @property
+    def max_input_length(self) -> int:
+        """The most tokens one input may have: one position embedding each."""
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf(cls, d: dict) -> BertConfig:
         """Read a config.json dict; ValueError naming the key and value for anything not implemented here."""

@@ -48,6 +48,11 @@ class DistilBertConfig:
     def hidden_size(self) -> int:
         return self.dim
 
+    @property
+    def max_input_length(self) -> int:
+        """The most tokens one input may have: one position embedding each."""
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf(cls, d: dict) -> DistilBertConfig:
         """Read a config.json dict; ValueError naming the key and value for anything not implemented here."""

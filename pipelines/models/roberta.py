@@ -44,6 +44,11 @@ class RobertaConfig:
     id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")
     problem_type: str | None = None
 
+    @property
+    def max_input_length(self) -> int:
+        """The most tokens one input may have: positions start after the padding index."""
+        return self.max_position_embeddings - (self.pad_token_id or 0) - 1
+
     @classmethod
     def from_hf(cls, d: dict) -> RobertaConfig:
         """Read a config.json dict; ValueError naming the key and value for anything not implemented here."""

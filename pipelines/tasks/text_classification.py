@@ -82,17 +82,23 @@ class TextClassificationPipeline(Pipeline):
         return ranked if top_k is None else ranked[:top_k]
 
     def _default_function(self) -> str:
-        problem = self.config.get("problem_type")
-        num_labels = len(self._labels(None))
+        problem = self.config.get("problem_type") or getattr(self._model_config(), "problem_type", None)
         if problem == "regression":
             return "none"
-        if problem == "multi_label_classification" or num_labels == 1:
+        if problem == "multi_label_classification" or len(self._labels(None)) == 1:
             return "sigmoid"
         return "softmax"
 
     def _labels(self, n: int | None) -> list[str]:
+        """Label names by class id: config.json's id2label, else the module's config, else LABEL_i."""
         id2label = self.config.get("id2label")
         if id2label:
             return [id2label[k] for k in sorted(id2label, key=int)]
+        labels = getattr(self._model_config(), "id2label", None)
+        if labels:
+            return list(labels)
         n = n if n is not None else self.config.get("num_labels", 2)
         return [f"LABEL_{i}" for i in range(n)]
+
+    def _model_config(self):
+        return getattr(self.model, "config", None)
