@@ -51,7 +51,7 @@ def pipeline(task: str | None = None, model=None, *, tokenizer=None, revision: s
         max_length = _min(max_length, cls.config_class.from_hf(hf_config).max_input_length)
         if load_weights:
             module = load_model(folder, cls, runtime, hf_config)
-    cls = pipeline_class or spec.pipeline_class
+    cls = pipeline_class or spec.resolve_class()
     return cls(module, tok, config=hf_config, model_path=folder, max_length=max_length, **common)
 
 
@@ -64,7 +64,7 @@ def _from_module(task, model, tokenizer, pipeline_class, config, device, dtype, 
     model = model.to(device=runtime.device, dtype=runtime.dtype).eval()
     tok = _tokenizer(tokenizer, None)
     limit = getattr(getattr(model, "config", None), "max_input_length", None)
-    cls = pipeline_class or registry.TASKS[task].pipeline_class
+    cls = pipeline_class or registry.TASKS[task].resolve_class()
     return cls(model, tok, config=config, max_length=_min(tok.model_max_length, limit), **common)
 
 

@@ -7,6 +7,7 @@ head -> the task it serves when only a model is given. Custom tasks join through
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 
 from pipelines.models import bert, distilbert, roberta
@@ -49,10 +50,16 @@ HEAD_TASKS = {
 
 @dataclass
 class TaskSpec:
-    pipeline_class: type
+    pipeline_class: type | str  # a class, or "module:Class" imported when the task is first used
     model_classes: str | dict[str, type] | None  # a head name, {model_type: class}, or None (tokenizer only)
     default: str | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def resolve_class(self) -> type:
+        if isinstance(self.pipeline_class, str):
+            module, name = self.pipeline_class.split(":")
+            self.pipeline_class = getattr(importlib.import_module(module), name)
+        return self.pipeline_class
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -61,6 +68,15 @@ TASKS: dict[str, TaskSpec] = {
     "feature-extraction": TaskSpec(FeatureExtractionPipeline, "base", "distilbert/distilbert-base-cased"),
     "sentence-embeddings": TaskSpec(SentenceEmbeddingsPipeline, "base", "sentence-transformers/all-MiniLM-L6-v2",
                                     ("embeddings",)),
+    "token-classification": TaskSpec("pipelines.tasks.token_classification:TokenClassificationPipeline",
+                                     "token-classification", "dbmdz/bert-large-cased-finetuned-conll03-english",
+                                     ("ner",)),
+    "question-answering": TaskSpec("pipelines.tasks.question_answering:QuestionAnsweringPipeline",
+                                   "question-answering", "distilbert/distilbert-base-cased-distilled-squad"),
+    "fill-mask": TaskSpec("pipelines.tasks.fill_mask:FillMaskPipeline", "masked-lm",
+                          "distilbert/distilroberta-base"),
+    "zero-shot-classification": TaskSpec("pipelines.tasks.zero_shot_classification:ZeroShotClassificationPipeline",
+                                         "sequence-classification", "cross-encoder/nli-distilroberta-base"),
 }  # fmt: skip
 
 
