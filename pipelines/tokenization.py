@@ -58,6 +58,7 @@ class Tokenizer:
         special_tokens: dict[str, str] | None = None,
         model_max_length: int | None = None,
         padding_side: str = "right",
+        clean_up_spaces: bool = False,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -66,6 +67,7 @@ class Tokenizer:
         self._backend = backend
         self._truncating: dict[tuple, tokenizers.Tokenizer] = {}
         self._lock = threading.Lock()
+        self.clean_up_spaces = clean_up_spaces
         self.special_tokens = dict(special_tokens or {})
         self.model_max_length = model_max_length
         self.padding_side = padding_side
@@ -85,11 +87,18 @@ class Tokenizer:
         max_length = config.get("model_max_length")
         if max_length is not None and max_length > _UNSET_MAX_LENGTH:
             max_length = None
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        # transformers skips the clean-up for BPE models unless forced: it strips real spaces there.
+        clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE"
+            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+        )
         return cls(
-            tokenizers.Tokenizer.from_file(str(path)),
+            backend,
             special_tokens={k: v for k, v in special.items() if k in _SPECIAL_KEYS and v is not None},
             model_max_length=max_length,
             padding_side=config.get("padding_side", "right"),
+            clean_up_spaces=clean_up,
         )
 
     # -- special tokens -------------------------------------------------------------------------
@@ -111,7 +120,19 @@ class Tokenizer:
         return [self._backend.id_to_token(i) for i in ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; spaces before punctuation removed where tokenizer_config.json asks for it."""
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Token strings back to text through the decoder (transformers' fast-tokenizer method of this name)."""
+        decoder = self._backend.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    @property
+    def continuing_subword_prefix(self) -> str | None:
+        """The model's marker of word-continuing pieces ("##" for WordPiece); None where it has none."""
+        return getattr(self._backend.model, "continuing_subword_prefix", None) or None
 
     def num_special_tokens(self, pair: bool = False) -> int:
         return self._backend.num_special_tokens_to_add(pair)
@@ -162,6 +183,17 @@ class Tokenizer:
             f"Tokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
             f"padding_side={self.padding_side!r})"
         )
+
+
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: drop the spaces a decoder leaves before punctuation and contractions."""
+    for before, after in _CLEANUPS:
+        text = text.replace(before, after)
+    return text
 
 
 def _read_json(path: Path) -> dict:

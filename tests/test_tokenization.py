@@ -64,3 +64,19 @@ def test_folder_without_tokenizer_json(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "bert", "roberta"])
+def test_decode_clean_up_spaces_follows_the_config(checkpoint, tmp_path, family):
+    """clean_up_tokenization_spaces in tokenizer_config.json: applied as transformers does (skipped for BPE)."""
+    import json
+    import shutil
+
+    folder = tmp_path / family
+    shutil.copytree(checkpoint(family, "base"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    ours, ref = Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    for text in [SENTENCES[2], "Hello , world ! Isn't it ? We 're here ."]:
+        ids = ref(text)["input_ids"]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
