@@ -51,12 +51,14 @@ class QuestionAnsweringPipeline(ChunkPipeline):
                              max_question_len=None, handle_impossible_answer=None, align_to_words=None,
                              **unknown):  # fmt: skip
         if unknown:
-            raise TypeError(f"question-answering got unknown parameters {sorted(unknown)}; allowed: {', '.join(PARAMETERS)}")
+            raise TypeError(f"question-answering got unknown parameters {sorted(unknown)}; "
+                            f"allowed: {', '.join(PARAMETERS)}")  # fmt: skip
         pre, post = {}, {}
         if max_seq_len is not None:
             pre["max_seq_len"] = _integer("max_seq_len", max_seq_len, 1)
             if self.max_length is not None and max_seq_len > self.max_length:
-                raise ValueError(f"max_seq_len={max_seq_len} is more than the model's maximum of {self.max_length} tokens")
+                raise ValueError(f"max_seq_len={max_seq_len} is more than the model's maximum of "
+                                 f"{self.max_length} tokens")  # fmt: skip
         if doc_stride is not None:
             pre["doc_stride"] = _integer("doc_stride", doc_stride, 0)
         if max_question_len is not None:
@@ -145,7 +147,8 @@ def _gather_inputs(args: tuple, question, context):
         if not isinstance(context, list):
             return [{"question": q, "context": context} for q in question]  # one context for every question
         if len(question) != len(context):
-            raise ValueError(f"got {len(question)} questions and {len(context)} contexts: the lists must have the same length")
+            raise ValueError(f"got {len(question)} questions and {len(context)} contexts: "
+                             "the lists must have the same length")  # fmt: skip
         return [{"question": q, "context": c} for q, c in zip(question, context)]
     if isinstance(context, list):
         raise ValueError("one question with a list of contexts is not supported (nor in transformers): "

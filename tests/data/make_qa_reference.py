@@ -25,6 +25,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 import transformers.pipelines.question_answering as hf_qa  # noqa: E402
 
@@ -125,10 +126,11 @@ def make_family(family: str, rebuild: bool) -> None:
         make_checkpoint(folder, family, "question-answering")
     pipe = transformers.pipeline("question-answering", model=str(folder), device="cpu")
     cases = [{"name": name, **run_case(pipe, inputs, params)} for name, inputs, params in CASES]
-    reference = {"transformers": transformers.__version__, "family": family, "cases": cases}
+    reference = {"transformers": transformers.__version__, "torch": torch.__version__, "family": family, "cases": cases}
     (folder / "reference.json").write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n")
     fillers = [c["name"] for c in cases if c["zero_score_filler"]]
-    print(f"{family}: {len(cases)} cases into {folder}; chunks {[c['chunks'] for c in cases]}; score-0 filler in {fillers}")
+    print(f"{family}: {len(cases)} cases into {folder}; chunks per input {[c['chunks'] for c in cases]}; "
+          f"score-0 filler in {fillers}")
 
 
 def main() -> None:
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="remake the checkpoints instead of reusing them")
     args = parser.parse_args()
     if not transformers.__version__.startswith("4.57."):
-        sys.exit(f"needs transformers 4.57 (the last with the question-answering pipeline), found {transformers.__version__}")
+        sys.exit(f"needs transformers 4.57 (the last with this pipeline), not {transformers.__version__}")
     for family in FAMILIES:
         make_family(family, args.rebuild)
 
