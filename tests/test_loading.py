@@ -167,3 +167,4 @@ def test_runtime_option_errors():
         RuntimeConfig.create(device_map="everywhere")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         RuntimeConfig.create(quantization="int4")
+
