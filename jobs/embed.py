@@ -1,7 +1,7 @@
 """The main job until the Ray job layer lands: embed a corpus in process and write Parquet.
 
     python -m jobs.embed [--input jobs/data/sample_corpus.jsonl] [--output out/embeddings.parquet]
-                         [--model sentence-transformers/all-MiniLM-L6-v2] [--batch-size 64] [--dtype float32]
+                         [--model sentence-transformers/all-MiniLM-L6-v2] [--batch-size N] [--dtype float32]
 
 Reads JSON lines with `id` and `text`, writes `id`, `text`, `embedding` (list<float32>), prints a summary.
 """
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("out/embeddings.parquet"))
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--column", default="text")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch (default: the pipeline's)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per micro-batch (default: per device)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
     args = parser.parse_args(argv)
