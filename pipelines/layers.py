@@ -40,9 +40,20 @@ def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention over heads: q, k, v (B, nh, T, hs), mask from `padding_mask` -> (B, T, nh * hs)."""
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-    B, nh, T, hs = y.shape
+    """Bidirectional attention over heads: q, k, v (B, nh, T, hs), mask from `padding_mask` -> (B, T, nh * hs).
+
+    On CPU, two batched matmuls around a softmax: for encoder-length sequences the flash kernel of
+    scaled_dot_product_attention costs a fixed 5-8 ms per call there, and this form took about half its
+    time on the benchmark corpus (BENCHMARKS.md). Elsewhere scaled_dot_product_attention.
+    """
+    B, nh, T, hs = q.shape
+    if q.device.type == "cpu":
+        q3, k3, v3 = (x.reshape(B * nh, T, hs) for x in (q, k, v))  # (B*nh, T, hs)
+        bias = torch.zeros((), dtype=q.dtype) if mask is None else mask.expand(B, nh, T, T).reshape(B * nh, T, T)
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=hs**-0.5)  # (B*nh, T, T)
+        y = torch.bmm(scores.softmax(dim=-1), v3).view(B, nh, T, hs)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
     return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
