@@ -39,15 +39,18 @@ def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
+SHORT_SEQUENCE = 32  # tokens: at or below, CPU attention runs as bmm -> softmax -> bmm
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Bidirectional attention over heads: q, k, v (B, nh, T, hs), mask from `padding_mask` -> (B, T, nh * hs).
 
-    On CPU, two batched matmuls around a softmax: for encoder-length sequences the flash kernel of
-    scaled_dot_product_attention costs a fixed 5-8 ms per call there, and this form took about half its
-    time on the benchmark corpus (BENCHMARKS.md). Elsewhere scaled_dot_product_attention.
+    Short sequences on CPU: two batched matmuls around a softmax. There the flash kernel of
+    scaled_dot_product_attention costs a fixed 5-8 ms per call, about 5x this form at 16 tokens; from
+    64 tokens up the flash kernel is faster (3-6x at 384), so everything else uses it (BENCHMARKS.md).
     """
     B, nh, T, hs = q.shape
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and T <= SHORT_SEQUENCE:
         q3, k3, v3 = (x.reshape(B * nh, T, hs) for x in (q, k, v))  # (B*nh, T, hs)
         bias = torch.zeros((), dtype=q.dtype) if mask is None else mask.expand(B, nh, T, T).reshape(B * nh, T, T)
         scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=hs**-0.5)  # (B*nh, T, T)
