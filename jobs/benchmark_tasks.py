@@ -2,7 +2,7 @@
 
     python -m jobs.benchmark_tasks [--threads 2] [--ner-texts 1000] [--qa-questions 200]
                                    [--qa-oracle-python /tmp/tf457/bin/python] [--only NAME,...] [--json OUT]
-                                   [--dtype float32|bfloat16] [--repeats 3] [--repeat-budget 30]
+                                   [--dtype float32|bfloat16] [--repeats 3] [--repeat-budget 20]
                                    [--wait-idle 60] [--profile NAME]
 
 Models: real-sized weights are offline only for all-MiniLM-L6-v2 (6 layers, hidden 384), so the parent
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--qa-oracle-python", default="/tmp/tf457/bin/python",
                         help="a Python with transformers 4.57 and torch, for the QA reference")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best is reported")
-    parser.add_argument("--repeat-budget", type=float, default=30.0, metavar="S",
+    parser.add_argument("--repeat-budget", type=float, default=20.0, metavar="S",
                         help="no further repeat once a configuration's timed runs would pass S seconds")
     parser.add_argument("--only", help=f"comma-separated configurations or prefixes; known: {', '.join(CONFIGS)}")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="only our rows of this dtype")
