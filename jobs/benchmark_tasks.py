@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.benchmark_embeddings import TokenCounter, _cpu_jiffies, maxrss_mb, own_cpu_seconds  # shared counters
+
 ROOT = Path(__file__).resolve().parent.parent
 NER_SEED, QA_SEED, HEAD_SEED = 2, 3, 0
 QA_CONTEXTS, QA_WORDS = 20, (600, 1500)
@@ -153,34 +155,6 @@ def check_oracle(python: str, folder: Path) -> str:
 
 
 # -- child side ----------------------------------------------------------------------------------------------
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
-class TokenCounter:
-    """Forward pre-hook on the model: sums input_ids.numel(), i.e. real plus padding tokens run."""
-
-    def __init__(self, module):
-        self.tokens = 0
-        module.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, _module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.tokens += input_ids.numel()
-
-
 def build_ours(spec: dict, folder: str):
     from pipelines import pipeline
 
