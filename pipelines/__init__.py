@@ -3,10 +3,21 @@
     from pipelines import pipeline
     emb = pipeline("sentence-embeddings")
     emb(["a sentence", "another one"])
+
+    from pipelines import run_pipeline            # the same pipelines over a Ray Dataset
+    run_pipeline(ray.data.read_parquet(...), "sentence-embeddings").write_parquet(...)
 """
 
 from pipelines.base import ChunkPipeline, Pipeline
 from pipelines.factory import pipeline
 from pipelines.registry import register_pipeline
 
-__all__ = ["ChunkPipeline", "Pipeline", "pipeline", "register_pipeline"]
+__all__ = ["ChunkPipeline", "Pipeline", "pipeline", "register_pipeline", "run_pipeline"]
+
+
+def __getattr__(name):
+    if name == "run_pipeline":  # imports Ray: only when asked for
+        from pipelines.distributed import run_pipeline
+
+        return run_pipeline
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -31,6 +31,7 @@ class Pipeline(nn.Module):
     """
 
     task = ""
+    output_name = "output"  # the result column when the pipeline runs as a Ray Data job
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
     token_outputs: tuple[str, ...] = ()  # outputs with one row per token, cut back to each item's length
     window_batches = 32  # inputs are length-sorted within windows of window_batches * batch_size
@@ -120,6 +121,10 @@ class Pipeline(nn.Module):
     def postprocess_item(self, parts: list[Features], params: dict | None = None) -> Any:
         """The answer for one input from its features merged with their model outputs."""
         return self.postprocess(parts[0], **(self._params[2] if params is None else params))
+
+    def arrow_type(self, params: dict | None = None):
+        """The Arrow type of one answer where values cannot show it (an empty list of entities); None: inferred."""
+        return None
 
     def encode_text(self, text, pair=None, **kwargs):
         """Tokenize a text (or pair) truncated to the pipeline's maximum length; TypeError for non-strings."""
