@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from jobs import files
 from pipelines.distributed import STAGE_TIME, STAGE_WORKER, TOKENS, RowError
+from pipelines.registry import canonical_task
 
 PROGRESS_EVERY_S = 10.0
 
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = files.input_format(paths, args.input_format)
     column, params, concurrency = _column(args.column), _params(args.params), _concurrency(args.concurrency)
     output, errors = args.output, args.errors
+    if args.task is not None:
+        try:
+            args.task = canonical_task(args.task)
+        except ValueError as e:
+            raise SystemExit(f"jobs.infer: {e}") from None
     if files.part_files(output) and not args.resume:
         raise SystemExit(f"--output {output} already holds results: pass --resume to continue that job, "
                          "or choose an empty folder")  # fmt: skip

@@ -1,0 +1,176 @@
+"""jobs.infer end to end on a real local cluster (head + 1 worker node, token auth; one cluster for the module,
+stopped at the end): `ray job submit` results equal in-process results, bad rows, resume after a kill, a
+separate driver process, and both nodes doing work."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cluster import local
+from jobs import files
+from pipelines import pipeline
+from tests.checkpoints import SENTENCES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The cluster's environment for clients. The Ray processes inherit this test session's offline HF cache."""
+    folder = tempfile.mkdtemp(prefix="rpj-")
+    try:
+        local.up(folder, workers=1, head_cpus=2, worker_cpus=1)
+        yield {**os.environ, **local.env(folder)}
+    finally:
+        local.down(folder)
+
+
+def _write_jsonl(folder: Path, rows: list[dict], files_count: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(files_count):
+        with open(folder / f"part{n}.jsonl", "w") as f:
+            for row in rows[n::files_count]:
+                f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def _submit(env, *args, submission_id=None, wait=True):
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml"]
+    if submission_id:
+        command += ["--submission-id", submission_id]
+    if not wait:
+        command += ["--no-wait"]
+    command += ["--", sys.executable, "-m", "jobs.infer", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _read(folder) -> list[dict]:
+    return [row for path in files.part_files(str(folder)) for row in pq.read_table(path).to_pylist()]
+
+
+def _rows(n):
+    return [{"id": i, "text": f"{SENTENCES[i % len(SENTENCES)]} {i}"} for i in range(n)]
+
+
+def test_job_submit_equals_in_process_on_both_nodes(cluster, checkpoint, tmp_path):
+    """Embeddings written by the job equal in-process ones within 1e-5, one row per input; the summary file
+    counts them, and the work ran on both nodes of the cluster."""
+    path = checkpoint("bert")
+    rows = _rows(400)
+    inputs = _write_jsonl(tmp_path / "in", rows, files_count=4)
+    result = _submit(cluster, "--task", "sentence-embeddings", "--model", path, "--input", f"{inputs}/*.jsonl",
+                     "--output", tmp_path / "out", "--rows-per-batch", 64)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = _read(tmp_path / "out")
+    assert sorted(r["id"] for r in out) == list(range(400))
+    expected = pipeline("sentence-embeddings", path)([r["text"] for r in rows])
+    got = torch.tensor([r["embedding"] for r in sorted(out, key=lambda r: r["id"])])
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["rows_in"], summary["rows_out"], summary["error_rows"]) == (400, 400, 0)
+    assert summary["tokens"] > 400 and all(summary["workers"][s] >= 1 for s in ("preprocess", "model", "postprocess"))
+    assert len(summary["nodes"]) == 2, summary
+
+
+def test_bad_rows_go_to_the_errors_folder_and_labels_equal_in_process(cluster, checkpoint, tmp_path):
+    """--errors: null, empty and 100k-character rows; result ids + error ids = input ids exactly, each error
+    with its reason; labels equal the in-process pipeline's."""
+    path = checkpoint("bert", "sequence-classification")
+    rows = _rows(120)
+    rows[5]["text"], rows[17]["text"], rows[33]["text"] = None, "", "word " * 20_000
+    inputs = _write_jsonl(tmp_path / "in", rows)
+    result = _submit(cluster, "--task", "text-classification", "--model", path, "--input", inputs / "part0.jsonl",
+                     "--output", tmp_path / "out", "--errors", tmp_path / "errors")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
+    assert sorted([r["id"] for r in out] + [r["id"] for r in errors]) == list(range(120))
+    assert {r["id"]: r["error"] for r in errors} == {5: "TypeError: expected a string, got NoneType"}
+    expected = pipeline("text-classification", path)([r["text"] or "" for r in rows])
+    for row in out:
+        assert row["classification"]["label"] == expected[row["id"]]["label"]
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["rows_in"], summary["rows_out"], summary["error_rows"]) == (120, 119, 1)
+
+
+def test_without_errors_folder_the_job_fails_naming_the_row(cluster, checkpoint, tmp_path):
+    path = checkpoint("bert", "sequence-classification")
+    rows = _rows(50)
+    rows[21]["text"] = None
+    inputs = _write_jsonl(tmp_path / "in", rows)
+    result = _submit(cluster, "--task", "text-classification", "--model", path, "--input", inputs / "part0.jsonl",
+                     "--output", tmp_path / "out")  # fmt: skip
+    assert result.returncode != 0
+    assert "row id=21: TypeError: expected a string, got NoneType" in result.stdout + result.stderr
+
+
+def test_resume_after_a_kill_writes_every_row_once(cluster, minilm_path, tmp_path):
+    """The job is stopped once some part files exist; the rerun with --resume skips the rows written and
+    writes the rest: every input row is in the output exactly once."""
+    rows = [json.loads(line) for line in open(ROOT / "jobs" / "data" / "sample_corpus.jsonl")][:2000]
+    inputs = _write_jsonl(tmp_path / "in", rows)
+    out = tmp_path / "out"
+    args = ["--task", "sentence-embeddings", "--model", minilm_path, "--input", inputs / "part0.jsonl", "--output", out,
+            "--rows-per-batch", 100]  # fmt: skip
+    job_id = f"resume-{os.getpid()}-{time.time_ns()}"
+    started = _submit(cluster, *args, submission_id=job_id, wait=False)
+    assert started.returncode == 0, started.stderr[-3000:]
+    deadline = time.time() + 240
+    while len(files.part_files(str(out))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    stop = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop", job_id], env=cluster,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    done_before = len(_read(out))
+    assert 0 < done_before < 2000, "the job must be stopped half way for this test to mean anything"
+
+    result = _submit(cluster, *args, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ids = [r["id"] for r in _read(out)]
+    assert len(ids) == len(set(ids)) == 2000
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_skipped_resume"] == done_before and summary["rows_in"] == 2000 - done_before
+
+
+def test_run_pipeline_from_a_separate_driver_process(cluster, checkpoint):
+    """A notebook-style driver: ray.init(address=...) to the running cluster, then run_pipeline."""
+    path = checkpoint("bert", "sequence-classification")
+    script = f"""
+import json, ray
+from pipelines import run_pipeline
+ray.init(address="{cluster['RAY_ADDRESS']}", logging_level="ERROR")
+rows = [{{"id": i, "text": "hello world " * (i % 5 + 1)}} for i in range(200)]
+out = run_pipeline(ray.data.from_items(rows), "text-classification", model={str(path)!r}, top_k=2).take_all()
+print(json.dumps(sorted((r["id"], [a["label"] for a in r["classification"]]) for r in out)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cluster, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = pipeline("text-classification", path, top_k=2)(["hello world " * (i % 5 + 1) for i in range(200)])
+    assert got == [[i, [a["label"] for a in expected[i]]] for i in range(200)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "sentimnet"], "unknown task 'sentimnet'"),
+    (["--input", "no/such/file.jsonl"], "does not exist"),
+    (["--column", "body"], "--column 'body' is not an input column; columns: ['id', 'text']"),
+    (["--params", "[1]"], "--params must be a JSON object"),
+    (["--concurrency", "a,b"], "--concurrency 'a,b': expected N or MIN,MAX"),
+])  # fmt: skip
+def test_arguments_are_checked_up_front(cluster, tmp_path, args, message):
+    inputs = _write_jsonl(tmp_path / "in", _rows(3))
+    base = {"--task": "sentence-embeddings", "--input": str(inputs / "part0.jsonl"), "--output": str(tmp_path / "out")}
+    pairs = dict(zip(args[::2], args[1::2]))
+    argv = [item for key, value in {**base, **pairs}.items() for item in (key, value)]
+    result = subprocess.run([sys.executable, "-m", "jobs.infer", *argv], cwd=ROOT, env=cluster, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
