@@ -1,0 +1,1 @@
+"""Tests of cluster/: the local cluster script and the launcher / KubeRay manifests."""
