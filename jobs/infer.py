@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip the rows a killed run already wrote")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--concurrency", help="model actors: N or MIN,MAX (default: 1,GPUs or 1 on CPU)")
-    p.add_argument("--preprocess-concurrency", type=int, help="max preprocess tasks (default: as resources allow)")
+    p.add_argument("--preprocess-concurrency", type=int, help="max preprocess tasks (default: a quarter of the CPUs)")
+    p.add_argument("--postprocess-concurrency", type=int, help="max postprocess tasks (default: a quarter of the CPUs)")
     p.add_argument("--batch-size", type=int, help="rows per micro-batch")
     p.add_argument("--max-batch-tokens", type=int, help="padded tokens per micro-batch")
     p.add_argument("--rows-per-batch", type=int, default=4096, help="rows per model call (length-sorted inside)")
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_pipeline(
             ds, args.task, model=args.model, column=column, output_column=args.output_column,
             batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, num_gpus=args.num_gpus,
-            concurrency=concurrency, preprocess_concurrency=args.preprocess_concurrency, dtype=args.dtype,
+            concurrency=concurrency, preprocess_concurrency=args.preprocess_concurrency,
+            postprocess_concurrency=args.postprocess_concurrency, dtype=args.dtype,
             device_map=args.device_map, on_error="record" if errors else "raise", id_column=id_column,
             rows_per_batch=args.rows_per_batch, stats=True, **params,
         )  # fmt: skip

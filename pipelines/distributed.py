@@ -301,7 +301,7 @@ class Resources:
     model_threads: int | None = None  # torch threads per model actor; None: the node's CPUs / max actors
     cpu_stage_cpus: float = 0.25  # per preprocess / postprocess task
     preprocess_concurrency: int | None = None  # max preprocess tasks; None: as many as resources allow
-    postprocess_concurrency: int | None = None
+    postprocess_concurrency: int | None = None  # max postprocess tasks
     rows_per_batch: int = 4096  # rows per model call, length-sorted and micro-batched inside
     cpu_rows_per_batch: int = 256  # rows per preprocess / postprocess task
 
@@ -309,7 +309,7 @@ class Resources:
 def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[str, str] = "text",
                  output_column: str | None = None, batch_size: int | None = None, max_batch_tokens: int | None = None,
                  num_gpus: float | None = None, concurrency: int | tuple[int, int] | None = None,
-                 preprocess_concurrency: int | None = None, dtype=None, device_map=None, on_error: str = "raise",
+                 preprocess_concurrency: int | None = None, postprocess_concurrency: int | None = None, dtype=None, device_map=None, on_error: str = "raise",
                  id_column: str | None = None, error_column: str = "error", rows_per_batch: int = 4096,
                  model_threads: int | None = None, stats: bool = False, revision: str | None = None,
                  quantization: str | None = None, **task_params):  # fmt: skip
@@ -320,6 +320,9 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
     batch_size / max_batch_tokens: the micro-batch limits inside a model call (rows, padded tokens).
     num_gpus: per model actor (fractions allowed); default 1 when the cluster has GPUs, else 0 (CPU).
     concurrency: model actors, a number or (min, max) to autoscale; default (1, GPUs) or 1 on CPU.
+    preprocess_concurrency / postprocess_concurrency: the most CPU tasks of each stage at once; default a
+    quarter of the cluster's CPUs (one tokenizer task handles ~10k short rows/s; every extra task is one more
+    process that imports torch and loads the tokenizer, which on a 2-core machine the model pays for).
     on_error: "raise" fails the job naming the row; "record" puts the reason in `error_column` (null when
     the row succeeded) and goes on. id_column names rows in errors. stats: keep per-row timing columns.
     The other keywords are the task's parameters (`top_k=`, `aggregation_strategy=`, ...).
@@ -340,7 +343,8 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
         params=task_params, batch_size=batch_size, max_batch_tokens=max_batch_tokens, stats=stats,
     )  # fmt: skip
     _check_columns(ds, spec)
-    resources = _resources(ray, num_gpus, concurrency, preprocess_concurrency, rows_per_batch, model_threads)
+    resources = _resources(ray, num_gpus, concurrency, (preprocess_concurrency, postprocess_concurrency),
+                           rows_per_batch, model_threads)  # fmt: skip
     return plan(ds, spec, resources)
 
 
@@ -387,8 +391,11 @@ def _check_columns(ds, spec: StageSpec) -> None:
             raise ValueError(f"the output column {name!r} is already an input column; pass output_column= / error_column=")
 
 
-def _resources(ray, num_gpus, concurrency, preprocess_concurrency, rows_per_batch, model_threads) -> Resources:
+def _resources(ray, num_gpus, concurrency, cpu_concurrency, rows_per_batch, model_threads) -> Resources:
     cluster = ray.cluster_resources() if ray.is_initialized() else {}
+    cpu_tasks = max(1, int(cluster.get("CPU", os.cpu_count() or 1) // 4))
+    pre, post = (cpu_tasks if n is None else _positive_int(name, n)
+                 for name, n in zip(("preprocess_concurrency", "postprocess_concurrency"), cpu_concurrency))
     gpus = cluster.get("GPU", 0)
     if num_gpus is None:
         num_gpus = 1.0 if gpus else 0.0
@@ -406,5 +413,11 @@ def _resources(ray, num_gpus, concurrency, preprocess_concurrency, rows_per_batc
         cpus = cluster.get("CPU", os.cpu_count() or 1)
         model_threads = max(1, int(cpus / nodes / max(1, -(-high // nodes))))  # the node's CPUs / its actors
     return Resources(num_gpus=num_gpus, concurrency=(low, high), model_cpus=1.0 if num_gpus else 0.5,
-                     model_threads=model_threads, preprocess_concurrency=preprocess_concurrency,
-                     rows_per_batch=rows_per_batch)  # fmt: skip
+                     model_threads=model_threads, preprocess_concurrency=pre, postprocess_concurrency=post,
+                     rows_per_batch=_positive_int("rows_per_batch", rows_per_batch))  # fmt: skip
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
