@@ -10,8 +10,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from pipelines import pipeline, run_pipeline  # noqa: E402
-from tests.checkpoints import SENTENCES  # noqa: E402
+from pipelines import pipeline, run_pipeline
+from tests.checkpoints import SENTENCES
 
 QA_MODEL = Path(__file__).resolve().parent / "data" / "qa_reference" / "bert"
 NLI_LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}
