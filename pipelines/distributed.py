@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from pipelines.batching import ItemOutOfMemoryError
+from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class ModelStage:
             raise RuntimeError(f"every row of a batch of {len(rows)} failed in the model, even alone: {self._last}")
         for row in rows:
             if row in outputs:
-                merged = [{**part, **_to_numpy(out)} for part, out in zip(rows[row], outputs[row])]
+                merged = [{**part, **outputs_to_numpy(out)} for part, out in zip(rows[row], outputs[row])]
                 cells[row] = pickle.dumps(merged, protocol=5)
             else:
                 cells[row], errors[row] = None, self._errors[row]
@@ -235,8 +235,8 @@ def postprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
             answers.append(None)
             continue
         try:
-            parts = [{k: _to_torch(v) for k, v in part.items()} for part in pickle.loads(cell)]
-            answers.append(_plain(pipe.postprocess_item(parts, post)))
+            parts = [outputs_to_torch(part) for part in pickle.loads(cell)]
+            answers.append(to_plain(pipe.postprocess_item(parts, post)))
         except Exception as e:  # noqa: BLE001 - this row's failure
             if spec.error_column is None:
                 _fail(table, spec, row, e)
@@ -265,28 +265,6 @@ def _float32_lists(type: pa.DataType) -> pa.DataType:
     if pa.types.is_list(type):
         return pa.list_(_float32_lists(type.value_type))
     return pa.float32() if pa.types.is_float64(type) else type
-
-
-def _to_numpy(outputs: dict) -> dict:
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() if isinstance(v, torch.Tensor) else v
-            for k, v in outputs.items()}  # fmt: skip
-
-
-def _to_torch(value):
-    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-
-
-def _plain(value):
-    """Tensors and numpy values as Python lists and numbers (Arrow takes those)."""
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------

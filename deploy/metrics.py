@@ -1,0 +1,56 @@
+"""Prometheus text metrics of an ingress replica: requests by route and status, errors by type, tokens,
+request latency and the sizes of the model batches its requests ran in (dynamic batching made visible)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple):
+        self.buckets, self.counts, self.total, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self, name: str) -> list[str]:
+        lines = [f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        lines += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total}", f"{name}_count {self.count}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: Counter = Counter()  # (route, status)
+        self.errors: Counter = Counter()  # error type
+        self.tokens = 0
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch_requests = Histogram(BATCH_BUCKETS)
+
+    def request(self, route: str, status: int, error: str | None, seconds: float) -> None:
+        self.requests[(route, status)] += 1
+        if error is not None:
+            self.errors[error] += 1
+        self.latency.observe(seconds)
+
+    def batch(self, requests_in_batch: int, tokens: int) -> None:
+        self.batch_requests.observe(requests_in_batch)
+        self.tokens += tokens
+
+    def render(self) -> str:
+        lines = ["# TYPE pipelines_requests_total counter"]
+        lines += [f'pipelines_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+        lines += ["# TYPE pipelines_errors_total counter"]
+        lines += [f'pipelines_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
+        lines += ["# TYPE pipelines_tokens_total counter", f"pipelines_tokens_total {self.tokens}"]
+        lines += self.latency.render("pipelines_request_seconds")
+        lines += self.batch_requests.render("pipelines_model_batch_requests")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,190 @@
+"""The Serve application on real Ray Serve over loopback (one instance for the module, stopped at the end):
+routes answer exactly what the in-process pipeline answers; malformed and hostile requests get documented
+4xx answers and never 500; overload, timeouts, auth and body limits; dynamic batching shows in /metrics."""
+
+import base64
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+requests = pytest.importorskip("requests")
+from ray import serve
+
+from deploy.app import build_app
+from pipelines import pipeline
+from tests.checkpoints import SENTENCES
+
+QA_MODEL = Path(__file__).resolve().parents[1] / "data" / "qa_reference" / "bert"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """Serve on 127.0.0.1 with several applications side by side; yields {name: base URL, ...paths}."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        emb, clf = checkpoint("bert"), checkpoint("bert", "sequence-classification")
+        apps = {
+            "emb": {"task": "sentence-embeddings", "model": str(emb), "batch_wait_s": 0.05, "max_client_batch_size": 64,
+                    "max_body_bytes": 200_000},
+            "clf": {"task": "text-classification", "model": str(clf)},
+            "qa": {"task": "question-answering", "model": str(QA_MODEL)},
+            "busy": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.5, "max_in_flight": 2},
+            "slow": {"task": "text-classification", "model": str(clf), "batch_wait_s": 1.0, "request_timeout_s": 0.2},
+            "auth": {"task": "text-classification", "model": str(clf), "api_key": "s3cret"},
+        }  # fmt: skip
+        for name, args in apps.items():
+            serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"paths": {"emb": emb, "clf": clf}}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url, body=None, **kw):
+    return requests.post(url, json=body, timeout=60, **kw) if "data" not in kw else requests.post(url, timeout=60, **kw)
+
+
+def test_hf_route_equals_in_process(server):
+    paths = server["paths"]
+    r = _post(server["emb"] + "/predict", {"inputs": SENTENCES})
+    assert r.status_code == 200
+    expected = pipeline("sentence-embeddings", paths["emb"])(SENTENCES)
+    torch.testing.assert_close(torch.tensor(r.json()), torch.tensor(expected), atol=1e-6, rtol=0)
+    r = _post(server["clf"], {"inputs": SENTENCES[0], "parameters": {"top_k": 2}})
+    ref = pipeline("text-classification", paths["clf"])(SENTENCES[0], top_k=2)
+    assert [a["label"] for a in r.json()] == [a["label"] for a in ref]
+    assert [a["score"] for a in r.json()] == pytest.approx([a["score"] for a in ref], abs=1e-6)
+
+
+def test_question_answering_dict_inputs(server):
+    inputs = [{"question": "Where does John live?", "context": "My name is John and I live in New York. " * 30},
+              {"question": "What is my name?", "context": "My name is John."}]  # fmt: skip
+    r = _post(server["qa"] + "/predict", {"inputs": inputs, "parameters": {"doc_stride": 32}})
+    assert r.status_code == 200, r.text
+    expected = pipeline("question-answering", QA_MODEL)(inputs, doc_stride=32)
+    for got, ref in zip(r.json(), expected):
+        assert (got["answer"], got["start"], got["end"]) == (ref["answer"], ref["start"], ref["end"])
+        assert got["score"] == pytest.approx(ref["score"], abs=1e-6)
+
+
+def test_openai_embeddings_and_tei_embed(server):
+    path = server["paths"]["emb"]
+    expected = pipeline("sentence-embeddings", path)(SENTENCES[:3])
+    r = _post(server["emb"] + "/v1/embeddings", {"input": SENTENCES[:3], "model": "mini"})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "list" and body["model"] == "mini"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    torch.testing.assert_close(torch.tensor([d["embedding"] for d in body["data"]]), torch.tensor(expected), atol=1e-6, rtol=0)
+    tokens = sum(len(pipeline("sentence-embeddings", path, load_weights=False).preprocess(t)["input_ids"]) for t in SENTENCES[:3])
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    r = _post(server["emb"] + "/v1/embeddings", {"input": SENTENCES[0], "encoding_format": "base64"})
+    vector = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype=np.float32)
+    np.testing.assert_allclose(vector, expected[0], atol=1e-6)
+    r = _post(server["emb"] + "/embed", {"inputs": SENTENCES[:3]})
+    torch.testing.assert_close(torch.tensor(r.json()), torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_health_info_and_docs(server):
+    assert requests.get(server["emb"] + "/health", timeout=10).json() == {"status": "ok"}
+    info = requests.get(server["clf"] + "/info", timeout=10).json()
+    assert info["task"] == "text-classification" and info["max_input_length"] > 0
+    assert requests.get(server["clf"] + "/docs", timeout=10).status_code == 200
+    assert "/v1/embeddings" in requests.get(server["emb"] + "/openapi.json", timeout=10).json()["paths"]
+
+
+LONG = "word " * 5000
+MALFORMED = [
+    # (route, body or raw bytes, expected status)
+    ("/predict", b"{bad json", 422),
+    ("/predict", b"", 422),
+    ("/predict", b"null", 422),
+    ("/predict", b"[]", 422),
+    ("/predict", b'"just a string"', 422),
+    ("/predict", b"\xff\xfe\x00garbage", 422),
+    ("/predict", {}, 422),
+    ("/predict", {"inputs": None}, 422),
+    ("/predict", {"inputs": []}, 422),
+    ("/predict", {"inputs": [None]}, 422),
+    ("/predict", {"inputs": 42}, 422),
+    ("/predict", {"inputs": [1, 2, 3]}, 422),
+    ("/predict", {"inputs": [["nested", ["junk"]]]}, 422),
+    ("/predict", {"inputs": {"no": "text key"}}, 422),
+    ("/predict", {"inputs": "ok", "parameters": "not a dict"}, 422),
+    ("/predict", {"inputs": "ok", "parameters": {"top_k": "three"}}, 422),
+    ("/predict", {"inputs": "ok", "parameters": {"unknown_option": 1}}, 422),
+    ("/predict", {"inputs": "ok", "extra_field": 1}, 422),
+    ("/predict", {"inputs": ["x"] * 65}, 422),
+    ("/predict", {"inputs": ["x"] * 10_000}, 422),
+    ("/predict", {"inputs": "x" * 300_000}, 413),
+    ("/v1/embeddings", {}, 422),
+    ("/v1/embeddings", {"input": None}, 422),
+    ("/v1/embeddings", {"input": []}, 422),
+    ("/v1/embeddings", {"input": [1, 2]}, 422),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 422),
+    ("/v1/embeddings", {"input": [["a"]]}, 422),
+    ("/embed", {"inputs": LONG, "truncate": False}, 422),
+    ("/embed", {"inputs": "x", "normalize": False}, 422),
+    ("/embed", {"inputs": {"a": 1}}, 422),
+    ("/embed", {"inputs": "x", "truncate": "maybe"}, 422),
+]
+
+
+@pytest.mark.parametrize("route, body, status", MALFORMED, ids=[f"{i}-{r}" for i, (r, _, _) in enumerate(MALFORMED)])
+def test_malformed_requests_get_documented_4xx(server, route, body, status):
+    kw = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {}
+    r = _post(server["emb"] + route, None if isinstance(body, bytes) else body, **kw)
+    assert r.status_code == status, r.text
+    assert r.json()["error_type"] in ("validation", "payload_too_large") and r.json()["error"]
+
+
+def test_the_server_keeps_serving_after_hostile_requests(server):
+    weird = ["", " ", "\u0000", "🙂" * 500, "e\u0301" * 100, "\ud7ff", "a\u202eb", LONG]
+    r = _post(server["emb"] + "/predict", {"inputs": weird})
+    assert r.status_code == 200 and len(r.json()) == len(weird)
+    assert _post(server["emb"] + "/predict", {"inputs": "still fine"}).status_code == 200
+
+
+def test_too_long_input_names_the_counts(server):
+    r = _post(server["emb"] + "/embed", {"inputs": ["short", LONG], "truncate": False})
+    assert r.status_code == 422 and "inputs[1]: 5002 tokens" in r.json()["error"] and "maximum" in r.json()["error"]
+    assert _post(server["emb"] + "/embed", {"inputs": LONG}).status_code == 200  # truncate defaults to true
+
+
+def test_overload_answers_503_with_retry_after_never_500(server):
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: _post(server["busy"], {"inputs": f"text {i}"}), range(12)))
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 503)
+
+
+def test_timeout_answers_408(server):
+    r = _post(server["slow"], {"inputs": "hello"})
+    assert r.status_code == 408 and r.json()["error_type"] == "timeout"
+
+
+def test_bearer_token(server):
+    assert _post(server["auth"], {"inputs": "hello"}).status_code == 401
+    assert _post(server["auth"], {"inputs": "hello"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert _post(server["auth"], {"inputs": "hello"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_concurrent_requests_are_batched_together(server):
+    """Sixteen concurrent requests within the 50 ms batch window: the model served some of them together."""
+    with ThreadPoolExecutor(16) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda i: _post(server["emb"], {"inputs": f"t {i}"}), range(16)))
+    metrics = requests.get(server["emb"] + "/metrics", timeout=10).text
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    singles = counts['pipelines_model_batch_requests_bucket{le="1"}']
+    assert counts["pipelines_model_batch_requests_count"] > singles, metrics
+    assert 'pipelines_requests_total{route="predict",status="422"}' in metrics
