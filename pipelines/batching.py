@@ -1,10 +1,11 @@
 """Length-sorted, token-budgeted micro-batches with out-of-memory split-and-retry.
 
 A list of tokenized items (dicts of int lists) goes in; they are sorted by length, cut into
-micro-batches that respect both `batch_size` (count) and `max_batch_tokens` (rows x padded length),
-padded to the longest member, run, and the per-item outputs come back in input order. When a
-micro-batch runs out of memory it is halved and retried, down to a single item; a single item that
-still does not fit raises `ItemOutOfMemoryError` naming it.
+micro-batches that respect both `batch_size` (count) and `max_batch_tokens` (rows x padded length) and
+that end where lengths fall steeply (`plan_micro_batches`), padded to the longest member, run, and the
+per-item outputs come back in input order. When a micro-batch runs out of memory it is halved and
+retried, down to a single item; a single item that still does not fit raises `ItemOutOfMemoryError`
+naming it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,23 @@ class ItemOutOfMemoryError(RuntimeError):
         self.item, self.length = item, length
 
 
+# Close a micro-batch before an item shorter than PADDING_CUT x its longest, once it holds MIN_FILL_FOR_CUT of
+# batch_size or max_batch_tokens. A quarter of the CPU default of 2,048 tokens is 512: on the 2-core CPU a
+# MiniLM encoder's cost per token is flat from about 512 tokens a call up, and 15-25% higher at 256 (bf16).
+PADDING_CUT = 0.9
+MIN_FILL_FOR_CUT = 0.25
+
+
 def plan_micro_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices grouped into micro-batches, longest first; padded size (rows x longest) <= max_batch_tokens.
 
-    An item longer than the budget on its own still gets a micro-batch of one.
+    Items are sorted by length, longest first (ties in input order), and taken in that order. A micro-batch
+    is closed when it holds batch_size items, when the next item would take it past max_batch_tokens, or
+    when the next item is shorter than PADDING_CUT x its longest, once it is at least MIN_FILL_FOR_CUT full
+    (of batch_size or of max_batch_tokens, whichever it fills more): that cut keeps padding low where
+    lengths fall steeply, without leaving micro-batches so small that per-call costs dominate. An item
+    longer than the budget on its own still gets a micro-batch of one. Deterministic: the plan depends only
+    on the arguments.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -41,15 +55,21 @@ def plan_micro_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = lengths[current[0]] if current else lengths[i]  # sorted: the first is the longest
-        over_tokens = max_batch_tokens is not None and (len(current) + 1) * longest > max_batch_tokens
-        if current and (len(current) == batch_size or over_tokens):
+        if current and _closes(len(current), lengths[current[0]], lengths[i], batch_size, max_batch_tokens):
             batches.append(current)
             current = []
         current.append(i)
     if current:
         batches.append(current)
     return batches
+
+
+def _closes(rows: int, longest: int, next_length: int, batch_size: int, max_batch_tokens: int | None) -> bool:
+    """Whether a micro-batch of `rows` items padded to `longest` (its first) is closed before the next item."""
+    fill = rows / batch_size if max_batch_tokens is None else max(rows / batch_size, rows * longest / max_batch_tokens)
+    over_tokens = max_batch_tokens is not None and (rows + 1) * longest > max_batch_tokens
+    steep = next_length < PADDING_CUT * longest and fill >= MIN_FILL_FOR_CUT
+    return rows == batch_size or over_tokens or steep
 
 
 def collate(items: Sequence[Features], names: Sequence[str], pad_id: int, padding_side: str = "right") -> Outputs:

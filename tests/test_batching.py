@@ -18,6 +18,29 @@ def test_plan_sorts_by_length_and_respects_both_limits():
     assert flat == sorted(lengths, reverse=True)
 
 
+def test_plan_cuts_where_lengths_fall_steeply():
+    """A micro-batch ends before an item shorter than 0.9x its longest once it is a quarter full, so that
+    short items are not padded to a long one: padded tokens 700 -> 460 for 441 real (one batch before)."""
+    lengths = [100, 95, 91, 50, 48, 47, 10]
+    plan = plan_micro_batches(lengths, batch_size=8, max_batch_tokens=1000)
+    assert plan == [[0, 1, 2], [3, 4, 5], [6]]
+    assert sum(len(b) * lengths[b[0]] for b in plan) == 460
+
+
+def test_plan_does_not_cut_below_a_quarter_full():
+    """The steep-length cut never leaves a micro-batch under a quarter of both batch_size and the token
+    budget: a lone long item keeps its shorter neighbours (a 1-row call would cost more than the padding)."""
+    assert plan_micro_batches([100, 50, 50], batch_size=16, max_batch_tokens=1000) == [[0, 1, 2]]
+    assert plan_micro_batches([100, 50, 50, 50], batch_size=16, max_batch_tokens=1000) == [[0, 1, 2], [3]]
+
+
+def test_plan_cut_counts_rows_without_a_token_budget():
+    """Without max_batch_tokens the quarter-full test counts rows of batch_size; ties keep input order."""
+    lengths = [5, 10, 10, 5, 10, 5, 10, 5]
+    assert plan_micro_batches(lengths, batch_size=8) == [[1, 2, 4, 6], [0, 3, 5, 7]]
+    assert plan_micro_batches(lengths, batch_size=32) == [[1, 2, 4, 6, 0, 3, 5, 7]]
+
+
 def test_plan_gives_an_oversized_item_a_batch_of_its_own():
     """An item longer than the whole budget is still run, alone."""
     assert plan_micro_batches([500, 4, 4], batch_size=8, max_batch_tokens=100) == [[0], [1, 2]]
@@ -60,25 +83,25 @@ def _items(lengths):
 
 def test_batcher_restores_order_and_cuts_token_outputs():
     """Outputs come back in input order; per-token outputs are cut to each item's own length."""
-    lengths = [4, 1, 9, 3]
+    lengths = [19, 20, 18, 20]
     calls = []
     batcher = MicroBatcher(_fake_forward(calls), input_names=("input_ids", "attention_mask"), pad_id=0,
                            token_outputs=("per_token",), batch_size=2)
     out = batcher.run(_items(lengths))
     assert [o["total"].item() for o in out] == [n * (n + 1) // 2 for n in lengths]
     assert [o["per_token"].tolist() for o in out] == [list(range(2, n + 2)) for n in lengths]
-    assert calls == [(2, 9), (2, 3)]
+    assert calls == [(2, 20), (2, 19)]  # items 1, 3 then 0, 2 (padded to 19)
 
 
 def test_batcher_splits_on_out_of_memory_and_recovers():
     """A micro-batch that runs out of memory is halved and retried; results equal the unsplit run."""
-    lengths = [8, 8, 8, 8, 2, 2]
+    lengths = [10, 10, 10, 10, 9, 9]
     calls = []
     batcher = MicroBatcher(_fake_forward(calls, oom_above=16), input_names=("input_ids", "attention_mask"),
                            pad_id=0, batch_size=8)
     out = batcher.run(_items(lengths))
-    assert [o["total"].item() for o in out] == [36, 36, 36, 36, 3, 3]
-    assert calls[0] == (6, 8)  # tried whole, then halves until each fits
+    assert [o["total"].item() for o in out] == [55, 55, 55, 55, 45, 45]
+    assert calls[0] == (6, 10)  # tried whole, then halves until each fits
     assert max(r * t for r, t in calls[1:] if r * t <= 16) <= 16
 
 
