@@ -84,8 +84,8 @@ class ModelServer:
     Each request is one list of features (the parts of its inputs). Concurrent requests are collected
     for at most `batch_wait_s` or until their tokens reach `max_batch_tokens`, then run together through
     the pipeline's own length-sorted, token-budgeted micro-batches with out-of-memory split-and-retry.
-    `max_ongoing_requests` must let a batch fill: it is set to at least the number of requests that fit
-    in a batch (Serve's defaults, 5 ongoing and batches of 10, never fill).
+    `max_ongoing_requests` must let a batch fill (Serve's defaults, 5 ongoing and batches of 10, never
+    fill): `model_ongoing_requests` sizes it from the token budget and refuses a value that cannot.
     """
 
     def __init__(self, task: str, model: str, dtype: str | None = None, device: str | None = None,
@@ -314,6 +314,28 @@ class Ingress:
 
 
 # -- building the application -----------------------------------------------------------------------------
+SMALL_REQUEST_TOKENS = 32  # one short sentence with its special tokens: what a batch must be able to hold
+
+
+def model_ongoing_requests(max_batch_tokens: int, given=None) -> int:
+    """The model replica's `max_ongoing_requests`: enough requests waiting to fill a batch of small requests.
+
+    A replica only batches the requests it holds, so fewer ongoing requests than a batch holds caps every
+    batch below its budget. Default: the number of SMALL_REQUEST_TOKENS requests in `max_batch_tokens`
+    (at least 8). A given value below that is refused, naming both numbers.
+    """
+    fill = max(8, max_batch_tokens // SMALL_REQUEST_TOKENS)
+    if given is None:
+        return fill
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"max_ongoing_requests must be a positive integer, got {given!r}")
+    if given < fill:
+        raise ValueError(f"max_ongoing_requests={given} cannot fill a batch of max_batch_tokens={max_batch_tokens} "
+                         f"({fill} requests of {SMALL_REQUEST_TOKENS} tokens): raise it to >= {fill} or lower "
+                         "max_batch_tokens")  # fmt: skip
+    return given
+
+
 def build_app(args: dict):
     """The application for `serve run deploy.app:build_app key=value ...` or a config's `args:`.
 
@@ -331,7 +353,7 @@ def build_app(args: dict):
     model_server = ModelServer.options(
         num_replicas=int(args.pop("model_replicas", 1)),
         ray_actor_options={"num_cpus": 1.0 if gpus else 0.25, "num_gpus": gpus},  # fractions: fits 2-core machines
-        max_ongoing_requests=int(args.pop("max_ongoing_requests", 64)),
+        max_ongoing_requests=model_ongoing_requests(max_batch_tokens, args.pop("max_ongoing_requests", None)),
     ).bind(task, model, dtype=args.get("dtype"), device=args.pop("device", None), max_batch_tokens=max_batch_tokens,
            batch_wait_s=float(args.pop("batch_wait_s", 0.005)), threads=args.pop("threads", None), **params)  # fmt: skip
     ingress = Ingress.options(num_replicas=int(args.pop("ingress_replicas", 1)))
