@@ -17,6 +17,7 @@ timeout, 503 with Retry-After when more requests are in flight than the replica 
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from typing import Any, Literal
@@ -26,7 +27,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from deploy.metrics import Metrics
@@ -224,8 +225,6 @@ class Ingress:
             raise ServeError(413, f"request body of {len(raw)} bytes is over the limit of {self.max_body}",
                              "payload_too_large")  # fmt: skip
         try:
-            import json
-
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ServeError(422, f"the body is not valid JSON: {e}", "validation") from None
@@ -233,9 +232,8 @@ class Ingress:
     def _parse(self, model: type[BaseModel], body):
         try:
             return model.model_validate(body)
-        except Exception as e:  # pydantic.ValidationError: name the fields
-            errors = getattr(e, "errors", lambda: [])()
-            detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors[:5])
+        except ValidationError as e:  # name the fields
+            detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
             raise ServeError(422, detail or str(e), "validation") from None
 
     def _items(self, inputs) -> tuple[list, bool]:
@@ -251,8 +249,9 @@ class Ingress:
                              "validation")  # fmt: skip
         return items, single
 
-    async def _run(self, items: list, parameters: dict) -> list:
-        """Preprocess on this replica, forward on the model server (batched with other requests), postprocess."""
+    async def _run(self, items: list, parameters: dict) -> tuple[list, int]:
+        """Preprocess on this replica, forward on the model server (batched with other requests), postprocess.
+        Returns the answers and the number of tokens the model read."""
         try:
             pre, fwd, post = self._call_params(parameters)
             parts = [self.pipe.preprocess_item(item, i, pre) for i, item in enumerate(items)]
@@ -267,7 +266,7 @@ class Ingress:
             merged = [{**f, **outputs_to_torch(o)} for f, o in zip(p, outputs[start:])]
             start += len(p)
             answers.append(to_plain(self.pipe.postprocess_item(merged, post)))
-        return answers
+        return answers, tokens
 
     def _call_params(self, parameters: dict):
         base_pre, base_fwd, base_post = self.pipe._params
@@ -278,7 +277,7 @@ class Ingress:
     async def _predict(self, body):
         request = self._parse(PredictRequest, body)
         items, single = self._items(request.inputs)
-        answers = await self._run(items, request.parameters)
+        answers, _ = await self._run(items, request.parameters)
         return answers[0] if single else answers
 
     def _embedding_task(self):
@@ -290,8 +289,7 @@ class Ingress:
         self._embedding_task()
         request = self._parse(EmbeddingsRequest, body)
         items, _ = self._items(request.input)
-        vectors = await self._run(items, {})
-        tokens = sum(len(self.pipe.preprocess(t)["input_ids"]) for t in items)
+        vectors, tokens = await self._run(items, {})
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]  # fmt: skip
         return {"object": "list", "data": data, "model": request.model or self.info["model_id"],
@@ -310,7 +308,8 @@ class Ingress:
         if not request.normalize:
             raise ServeError(422, "normalize: only true is served; the model's sentence-transformers files decide "
                                   "the normalisation", "validation")  # fmt: skip
-        return await self._run(items, {})
+        vectors, _ = await self._run(items, {})
+        return vectors
 
 
 # -- building the application -----------------------------------------------------------------------------

@@ -53,14 +53,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.benchmark_embeddings import TokenCounter, _cpu_jiffies, maxrss_mb, own_cpu_seconds  # shared counters
+from jobs.benchmark_embeddings import (  # shared counters and the idle wait
+    TokenCounter,
+    _cpu_jiffies,
+    maxrss_mb,
+    own_cpu_seconds,
+    wait_for_idle,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NER_SEED, QA_SEED, HEAD_SEED = 2, 3, 0
 QA_CONTEXTS, QA_WORDS = 20, (600, 1500)
 WARMUP = {"ner": 16, "qa": 4}
 SCORE_ATOL = 1e-4
-IDLE_BUSY = 0.08  # share of all CPUs busy elsewhere below which the machine counts as idle
 DISTURBED = 0.10  # other processes' CPU share during a timed run above which it is run again (once)
 CONLL = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -272,18 +277,6 @@ def select(only: str | None, dtype: str | None) -> list[str]:
                                  "(or a prefix: ner, qa-hf)")  # fmt: skip
             names.extend(m for m in matches if m not in names)
     return [n for n in names if dtype is None or CONFIGS[n]["kind"] == "hf" or CONFIGS[n]["dtype"] == dtype]
-
-
-def wait_for_idle(limit_s: float) -> float:
-    """Wait (at most limit_s) until the CPUs are < IDLE_BUSY busy over one second; the seconds waited."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < limit_s:
-        busy, total = _cpu_jiffies()
-        time.sleep(1.0)
-        busy2, total2 = _cpu_jiffies()
-        if (busy2 - busy) / max(1, total2 - total) < IDLE_BUSY:
-            break
-    return time.perf_counter() - start
 
 
 def child_command(name: str, workdir: Path, args) -> list[str]:
