@@ -1,5 +1,6 @@
 """Prometheus text metrics of an ingress replica: requests by route and status, errors by type, tokens,
-request latency and the sizes of the model batches its requests ran in (dynamic batching made visible)."""
+request latency, the sizes of the model batches its requests ran in (dynamic batching made visible) and the
+time requests waited in the model replica's batch queue."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class Metrics:
         self.tokens = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_requests = Histogram(BATCH_BUCKETS)
+        self.queue = Histogram(LATENCY_BUCKETS)
 
     def request(self, route: str, status: int, error: str | None, seconds: float) -> None:
         self.requests[(route, status)] += 1
@@ -41,8 +43,9 @@ class Metrics:
             self.errors[error] += 1
         self.latency.observe(seconds)
 
-    def batch(self, requests_in_batch: int, tokens: int) -> None:
+    def batch(self, requests_in_batch: int, tokens: int, queued_s: float) -> None:
         self.batch_requests.observe(requests_in_batch)
+        self.queue.observe(queued_s)
         self.tokens += tokens
 
     def render(self) -> str:
@@ -53,4 +56,5 @@ class Metrics:
         lines += ["# TYPE pipelines_tokens_total counter", f"pipelines_tokens_total {self.tokens}"]
         lines += self.latency.render("pipelines_request_seconds")
         lines += self.batch_requests.render("pipelines_model_batch_requests")
+        lines += self.queue.render("pipelines_model_queue_seconds")
         return "\n".join(lines) + "\n"

@@ -1,10 +1,14 @@
 """The Serve application on real Ray Serve over loopback (one instance for the module, stopped at the end):
 routes answer exactly what the in-process pipeline answers; malformed and hostile requests get documented
-4xx answers and never 500; overload, timeouts, auth and body limits; dynamic batching shows in /metrics."""
+4xx answers and never 500; overload, timeouts, auth and body limits; dynamic batching shows in /metrics;
+multiplexed models with LRU; a model replica killed under load; a client that hangs up cancels its work;
+autoscaling adds a replica under load."""
 
 import base64
 import json
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +37,10 @@ def server(checkpoint):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         emb, clf = checkpoint("bert"), checkpoint("bert", "sequence-classification")
+        classifiers = {family: str(checkpoint(family, "sequence-classification"))
+                       for family in ("bert", "roberta", "distilbert")}  # fmt: skip
+        scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0,
+                   "metrics_interval_s": 0.5, "look_back_period_s": 1}  # fmt: skip
         apps = {
             "emb": {"task": "sentence-embeddings", "model": str(emb), "batch_wait_s": 0.05, "max_client_batch_size": 64,
                     "max_body_bytes": 200_000},
@@ -41,10 +49,14 @@ def server(checkpoint):
             "busy": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.5, "max_in_flight": 2},
             "slow": {"task": "text-classification", "model": str(clf), "batch_wait_s": 1.0, "request_timeout_s": 0.2},
             "auth": {"task": "text-classification", "model": str(clf), "api_key": "s3cret"},
+            "multi": {"task": "text-classification", "model": "bert", "models": classifiers, "max_models_per_replica": 2},
+            "pair": {"task": "text-classification", "model": str(clf), "model_replicas": 2},
+            "wait": {"task": "text-classification", "model": str(clf), "batch_wait_s": 2.0},
+            "auto": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.2, "autoscaling": scaling},
         }  # fmt: skip
-        for name, args in apps.items():
-            serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"paths": {"emb": emb, "clf": clf}}
+        serve.run_many([serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in apps.items()])
+        paths = {"emb": emb, "clf": clf, **classifiers}
+        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"paths": paths}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -188,3 +200,114 @@ def test_concurrent_requests_are_batched_together(server):
     singles = counts['pipelines_model_batch_requests_bucket{le="1"}']
     assert counts["pipelines_model_batch_requests_count"] > singles, metrics
     assert 'pipelines_requests_total{route="predict",status="422"}' in metrics
+
+
+def _model_stats(app: str) -> dict:
+    return serve.get_deployment_handle("ModelServer", app_name=app).get_stats.remote().result()
+
+
+def _replica_actors(app: str) -> set[str]:
+    prefix = f"SERVE_REPLICA::{app}#ModelServer#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+def _running_replicas(app: str) -> int:
+    deployment = serve.status().applications[app].deployments["ModelServer"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_multiplexed_models_selected_by_header_with_lru(server):
+    """Three classifiers in one deployment, two held per replica: each answer is its own model's, and the
+    replica loads and evicts in least-recently-used order."""
+    header = "serve_multiplexed_model_id"
+    order = [None, "roberta", "bert", "distilbert", "roberta"]
+    for model_id in order:
+        r = _post(server["multi"], {"inputs": SENTENCES[:3]}, headers={header: model_id} if model_id else {})
+        assert r.status_code == 200, r.text
+        expected = pipeline("text-classification", server["paths"][model_id or "bert"])(SENTENCES[:3])
+        assert [a["label"] for a in r.json()] == [a["label"] for a in expected]
+        assert [a["score"] for a in r.json()] == pytest.approx([a["score"] for a in expected], abs=1e-6)
+    # bert (default) and roberta loaded; bert used again; distilbert evicts roberta; roberta evicts bert
+    assert _model_stats("multi")["loads"] == ["bert", "roberta", "distilbert", "roberta"]
+    r = _post(server["multi"], {"inputs": "x"}, headers={header: "gpt9"})
+    assert r.status_code == 404 and r.json() == {
+        "error": "unknown model 'gpt9'; this application serves: bert, distilbert, roberta", "error_type": "model_not_found"}
+    assert requests.get(server["multi"] + "/info", timeout=10).json()["models"] == ["bert", "distilbert", "roberta"]
+
+
+def test_killing_one_model_replica_of_two_under_load(server):
+    """A steady load while one of two model replicas is killed: at most 1% of requests fail (the ingress
+    retries a request whose replica died) and Serve runs two healthy replicas again within 60 s."""
+    statuses, stop = [], threading.Event()
+
+    def client(i):
+        while not stop.is_set():
+            try:
+                statuses.append(_post(server["pair"], {"inputs": f"steady load {i}"}).status_code)
+            except requests.RequestException:
+                statuses.append(-1)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        served_before = len(statuses)
+        name = sorted(_replica_actors("pair"))[0]
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        while time.monotonic() - killed_at < 60:  # healthy: two running replicas, the killed one replaced
+            time.sleep(0.5)
+            replicas = _replica_actors("pair")
+            if name not in replicas and len(replicas) == 2 and _running_replicas("pair") == 2:
+                break
+        recovered_s = time.monotonic() - killed_at
+        time.sleep(2)  # and it keeps serving on both
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    failed = sum(s != 200 for s in statuses)
+    print(f"replica kill: {failed} of {len(statuses)} requests failed; two replicas again after {recovered_s:.1f} s")
+    assert served_before > 20 and len(statuses) > served_before + 20, (served_before, len(statuses))
+    assert failed <= 0.01 * len(statuses), (failed, len(statuses), sorted(set(statuses)))
+    assert recovered_s < 60 and _running_replicas("pair") == 2 and name not in _replica_actors("pair")
+
+
+def test_a_client_that_hangs_up_cancels_its_model_work(server):
+    """A request waiting 2 s for its batch is abandoned by its client after 0.5 s: Serve cancels it, the model
+    replica never runs it, and the ingress counts it as cancelled (499); a request that stays is served."""
+    before = _model_stats("wait")["requests"]
+    with pytest.raises(requests.Timeout):
+        requests.post(server["wait"], json={"inputs": "never mind"}, timeout=0.5)
+    time.sleep(3)
+    assert _model_stats("wait")["requests"] == before
+    metrics = requests.get(server["wait"] + "/metrics", timeout=10).text
+    assert 'pipelines_requests_total{route="predict",status="499"} 1' in metrics
+    assert 'pipelines_errors_total{type="cancelled"} 1' in metrics
+    assert _post(server["wait"], {"inputs": "i will wait"}).status_code == 200
+    assert _model_stats("wait")["requests"] == before + 1
+
+
+def test_autoscaling_adds_a_model_replica_under_load(server):
+    """More ongoing requests than the target of 2 per replica: Serve scales the model deployment from 1 to 2."""
+    assert _running_replicas("auto") == 1
+    stop = threading.Event()
+
+    def client(i):
+        while not stop.is_set():
+            _post(server["auto"], {"inputs": f"load {i}"})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 45
+        while _running_replicas("auto") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert _running_replicas("auto") == 2

@@ -1,8 +1,9 @@
-"""Serve settings checked without starting Serve: the model replica's ongoing-request limit lets batches fill."""
+"""Serve settings checked without starting Serve: batches can fill, autoscaling agrees with the replica limit,
+multiplexed model tables are whole."""
 
 import pytest
 
-from deploy.app import SMALL_REQUEST_TOKENS, model_ongoing_requests
+from deploy.app import SMALL_REQUEST_TOKENS, build_app, model_deployment_options, model_ongoing_requests
 
 
 def test_default_holds_a_full_batch_of_small_requests():
@@ -18,3 +19,33 @@ def test_a_limit_that_cannot_fill_a_batch_is_refused_naming_both_numbers():
     assert model_ongoing_requests(4096, 200) == 200
     with pytest.raises(ValueError, match="positive integer"):
         model_ongoing_requests(4096, "many")
+
+
+def test_autoscaling_defaults_to_half_a_full_batch_and_replaces_a_fixed_count():
+    """Serve's default target of 2 ongoing requests would add replicas while batches run nearly empty."""
+    options = model_deployment_options({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}, 0, 4096)
+    assert options["autoscaling_config"] == {"target_ongoing_requests": 64, "min_replicas": 1, "max_replicas": 4}
+    assert "num_replicas" not in options and options["max_ongoing_requests"] == 128
+    assert model_deployment_options({"model_replicas": 2}, 0, 4096)["num_replicas"] == 2
+    given = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 10, "upscale_delay_s": 1}
+    assert model_deployment_options({"autoscaling": given}, 0, 4096)["autoscaling_config"] == given
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"autoscaling": {"max_replicas": 2, "target_ongoing_requests": 500}},
+     r"target_ongoing_requests=500 can never be reached: a model replica holds at most max_ongoing_requests=128"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, r"max_replicas \(1\) must be greater than or equal"),
+    ({"autoscaling": {"max_replicas": 2}, "model_replicas": 2}, "either model_replicas .* or autoscaling"),
+    ({"autoscaling": {"max_replica": 2}}, r"unknown setting\(s\) \['max_replica'\]; Serve's settings: .*'max_replicas'"),
+    ({"autoscaling": 4}, "autoscaling must be a mapping"),
+])  # fmt: skip
+def test_bad_autoscaling_settings_are_refused_before_serve_starts(args, message):
+    with pytest.raises(ValueError, match=message):
+        model_deployment_options(args, 0, 4096)
+
+
+def test_multiplexed_models_must_include_the_default():
+    with pytest.raises(ValueError, match=r"model='c' \(the default\) must be one of models: \['a', 'b'\]"):
+        build_app({"task": "text-classification", "model": "c", "models": {"a": "x", "b": "y"}})
+    with pytest.raises(ValueError, match="models must be a non-empty mapping"):
+        build_app({"task": "text-classification", "model": "c", "models": ["c"]})
