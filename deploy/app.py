@@ -99,7 +99,7 @@ class ModelServer:
 
     def __init__(self, task: str, model: str, models: dict | None = None, max_models_per_replica: int = 3,
                  dtype: str | None = None, device: str | None = None, max_batch_tokens: int = 16384,
-                 batch_wait_s: float = 0.005, threads: int | None = None, **params):  # fmt: skip
+                 batch_wait_s: float = 0.0, threads: int | None = None, **params):  # fmt: skip
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -490,7 +490,7 @@ def build_app(args: dict):
     model_server = ModelServer.options(**model_deployment_options(args, gpus, max_batch_tokens)).bind(
         task, model, models=models, max_models_per_replica=int(args.pop("max_models_per_replica", 3)),
         dtype=args.get("dtype"), device=args.pop("device", None), max_batch_tokens=max_batch_tokens,
-        batch_wait_s=float(args.pop("batch_wait_s", 0.005)), threads=args.pop("threads", None), **params,
+        batch_wait_s=float(args.pop("batch_wait_s", 0.0)), threads=args.pop("threads", None), **params,
     )  # fmt: skip
     ingress = Ingress.options(num_replicas=int(args.pop("ingress_replicas", 1)))
     return ingress.bind(model_server, task, model, models=models, **args, **params)

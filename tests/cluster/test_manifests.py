@@ -56,6 +56,7 @@ def _kuberay_cluster_specs() -> dict[str, dict]:
     return {
         "raycluster.yaml": _load("kuberay/raycluster.yaml")["spec"],
         "rayjob.yaml": _load("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"],
+        "rayservice.yaml": _load("kuberay/rayservice.yaml")["spec"]["rayClusterConfig"],
     }
 
 
@@ -67,7 +68,8 @@ def _containers(pod_template: dict) -> list[dict]:
 def test_the_expected_manifests_exist():
     """Guards a renamed or deleted manifest that the README and the other tests rely on."""
     names = {p.relative_to(CLUSTER).as_posix() for p in YAML_FILES}
-    assert {"launcher.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"} <= names
+    assert {"launcher.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+            "kuberay/rayservice.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(CLUSTER).as_posix())
@@ -84,7 +86,7 @@ def test_kuberay_kinds_and_api_versions():
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: apiVersion {doc['apiVersion']!r}"
             kinds[path.name] = doc["kind"]
-    assert kinds == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob"}
+    assert kinds == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}
 
 
 def test_launcher_config_passes_rays_own_schema():
@@ -221,3 +223,20 @@ def test_rayjob_entrypoint_parses_with_the_jobs_cli():
     args = parse_args(argv[3:])
     assert args.task == "sentence-embeddings" and args.model == "sentence-transformers/all-MiniLM-L6-v2"
     assert args.input and args.output
+
+
+def test_rayservice_serve_config_builds_the_deploy_application():
+    """serveConfigV2 is a valid Serve config whose applications `deploy.app:build_app` accepts (autoscaling checked
+    against the replica limit included), with the same env vars as the jobs; no Serve is started."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.app import build_app
+
+    config = yaml.safe_load(_load("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
+    ServeDeploySchema(**config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "deploy.app:build_app"
+    assert app["runtime_env"]["env_vars"] == _load("runtime_env.yaml")["env_vars"]
+    assert build_app(app["args"]) is not None
+    group = _load("kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert group["maxReplicas"] == app["args"]["autoscaling"]["max_replicas"]

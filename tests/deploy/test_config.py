@@ -49,3 +49,17 @@ def test_multiplexed_models_must_include_the_default():
         build_app({"task": "text-classification", "model": "c", "models": {"a": "x", "b": "y"}})
     with pytest.raises(ValueError, match="models must be a non-empty mapping"):
         build_app({"task": "text-classification", "model": "c", "models": ["c"]})
+
+
+def test_the_shipped_serve_config_is_valid_and_builds():
+    """`serve run deploy/embeddings.yaml` must pass Serve's own schema and build_app's checks."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "embeddings.yaml").read_text())
+    ServeDeploySchema(**config)
+    assert config["http_options"]["host"] == "127.0.0.1"
+    for app in config["applications"]:
+        assert app["import_path"] == "deploy.app:build_app" and build_app(app["args"]) is not None
