@@ -171,9 +171,14 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
-    """Stream checkpoint tensors into a meta-built `model`, renamed by its class's table, strictly checked."""
+    """Stream checkpoint tensors into a meta-built `model`, renamed by its class's table, strictly checked.
+
+    A class may define `convert_checkpoint_tensor(name, tensor)` for tensors stored in another layout (GPT-2's
+    Conv1D weights); it is called with our key before the shape check.
+    """
     cls = type(model)
     expected = {k: v for k, v in model.state_dict().items()}
+    convert = getattr(cls, "convert_checkpoint_tensor", None)
     loaded: dict[str, torch.Tensor] = {}
     dropped = []
     for key, tensor in iter_tensors(files):
@@ -186,6 +191,8 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
                 f"checkpoint key {key!r} (as {name!r}) has no place in {cls.__name__}; "
                 f"its weights are: {_sample(expected)}"
             )
+        if convert is not None:
+            tensor = convert(name, tensor)
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, {cls.__name__}.{name} needs "

@@ -10,12 +10,12 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 
-from pipelines.models import bert, distilbert, roberta
+from pipelines.models import bert, distilbert, gpt2, llama, roberta
 from pipelines.tasks.feature_extraction import FeatureExtractionPipeline
 from pipelines.tasks.sentence_embeddings import SentenceEmbeddingsPipeline
 from pipelines.tasks.text_classification import TextClassificationPipeline
 
-HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm")
+HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm", "causal-lm")
 
 
 def _family(module, prefix: str) -> dict:
@@ -31,6 +31,10 @@ MODEL_CLASSES: dict[str, dict[str, type]] = {
     "roberta": _family(roberta, "Roberta"),
     "xlm-roberta": _family(roberta, "XLMRoberta"),
     "distilbert": _family(distilbert, "DistilBert"),
+    "gpt2": {"causal-lm": gpt2.GPT2LMHeadModel},
+    "llama": {"causal-lm": llama.LlamaForCausalLM},
+    "mistral": {"causal-lm": llama.MistralForCausalLM},
+    "qwen2": {"causal-lm": llama.Qwen2ForCausalLM},
 }
 
 # config.json `architectures[0]` -> (model_type, head)
@@ -45,6 +49,7 @@ HEAD_TASKS = {
     "token-classification": "token-classification",
     "question-answering": "question-answering",
     "masked-lm": "fill-mask",
+    "causal-lm": "text-generation",
 }
 
 
@@ -109,7 +114,11 @@ def model_class(task: str, config: dict) -> type:
         if model_type not in MODEL_CLASSES:
             raise ValueError(f"unsupported model_type {model_type!r} (architectures {config.get('architectures')}); "
                              f"supported: {sorted(MODEL_CLASSES)} with architectures {sorted(ARCHITECTURES)}")  # fmt: skip
-        table = {model_type: MODEL_CLASSES[model_type][spec.model_classes]}
+        heads = MODEL_CLASSES[model_type]
+        if spec.model_classes not in heads:
+            raise ValueError(f"task {task!r} needs a {spec.model_classes!r} model; model_type {model_type!r} "
+                             f"has only {sorted(heads)}")  # fmt: skip
+        table = {model_type: heads[spec.model_classes]}
     if model_type not in table:
         raise ValueError(f"task {task!r} supports model types {sorted(table)}, not {model_type!r}")
     return table[model_type]

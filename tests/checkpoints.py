@@ -4,17 +4,22 @@
 (optionally sharded), tokenizer.json plus tokenizer_config.json and special_tokens_map.json, so that both our
 loader and `transformers.AutoModel*/AutoTokenizer/pipeline` read the same folder. `load_native` is a minimal
 loader for model parity tests (the real one is pipelines/loading.py).
+
+Decoders (`DECODER_FAMILIES`, head "causal-lm") get their family's tokenizer style and a chat template in
+tokenizer_config.json; config overrides pass through (`make_checkpoint(p, "llama", "causal-lm", rope_scaling=...)`).
+`cached_logits` runs a model through the KV cache the way the generation engine does.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
 HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm")
@@ -63,6 +68,7 @@ _AUTO_CLASS = {
     "token-classification": "AutoModelForTokenClassification",
     "question-answering": "AutoModelForQuestionAnswering",
     "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
 }
 
 
@@ -212,6 +218,8 @@ def make_checkpoint(
     """Write a tiny random `family` model with `head` (a Hugging Face folder with tokenizer) into `path`."""
     import transformers
 
+    if family in DECODER_FAMILIES:
+        return make_decoder_checkpoint(path, family, head, sharded=sharded, dtype=dtype, **config_overrides)
     if family not in FAMILIES or head not in HEADS:
         raise ValueError(f"unknown family {family!r} or head {head!r}; families: {FAMILIES}, heads: {HEADS}")
     path = Path(path)
@@ -247,7 +255,8 @@ def load_native(path, cls) -> torch.nn.Module:
         for key, tensor in load_file(file).items():
             name = cls.rename_checkpoint_key(key)
             if name is not None:
-                state[name] = tensor
+                convert = getattr(cls, "convert_checkpoint_tensor", None)
+                state[name] = tensor if convert is None else convert(name, tensor)
     for target, source in cls.tied_weights.items():
         if target not in state:
             state[target] = state[source]
@@ -292,3 +301,216 @@ def assert_parity(ours, reference, head: str, batch: dict[str, torch.Tensor], to
         real = batch["attention_mask"].bool()
         got, want = got[real], want[real]  # (N, D) over real tokens
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# -- decoders (causal language models) ------------------------------------------------------------------------
+DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+DECODER_HEADS = ("causal-lm",)
+
+# What text generation is tested on: prompts of several lengths and a conversation for the chat templates.
+PROMPTS = [
+    "Hello world!",
+    "The quick brown fox",
+    "My name is John and I live in",
+    "What is the capital of France? Paris is the capital and the largest city of",
+    "a",
+]
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Switzerland?"},
+]
+
+# Qwen2's pre-tokenization regex (transformers' Qwen2Tokenizer builds the same pipeline).
+_QWEN2_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# ChatML, as Qwen2 instruct models ship it.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama 2 chat: [INST] turns, an optional <<SYS>> block in the first user turn.
+_LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+    "{% if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}"
+    "{{ message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# Mistral instruct: [INST] turns; a system message is prefixed to the first user turn.
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\\n\\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def _train_bpe(tok: Tokenizer, specials: list[str], vocab_size: int, alphabet: list[str] = ()) -> Tokenizer:
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(alphabet),
+                                  show_progress=False)  # fmt: skip
+    texts = SENTENCES + _CORPUS + PROMPTS + [m["content"] for m in CHAT]
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _gpt2_tokenizer() -> Tokenizer:
+    """GPT-2 style: byte-level BPE, <|endoftext|> the only special token, nothing added around a sequence."""
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    _train_bpe(tok, ["<|endoftext|>"], 400, pre_tokenizers.ByteLevel.alphabet())
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _qwen2_tokenizer() -> Tokenizer:
+    """Qwen2 style: NFC, its split regex, byte-level BPE; <|endoftext|>, <|im_start|>, <|im_end|> special."""
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    _train_bpe(tok, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 400, pre_tokenizers.ByteLevel.alphabet())
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _llama_tokenizer() -> Tokenizer:
+    """Llama / Mistral style (SentencePiece BPE as transformers converts it): <unk>=0 <s>=1 </s>=2, the 256 byte
+    tokens <0x00>..<0xFF> for byte fallback, then the merged pieces; Metaspace ("▁") pre-tokenization that
+    prepends to the first word only, and <s> added in front of every sequence."""
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    _train_bpe(trained, [], 300)
+    model = json.loads(trained.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(model["vocab"], key=model["vocab"].get)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return tok
+
+
+_DECODER_TOKENIZERS = {
+    "gpt2": (_gpt2_tokenizer, "GPT2Tokenizer", None),
+    "llama": (_llama_tokenizer, "LlamaTokenizer", _LLAMA2_TEMPLATE),
+    "mistral": (_llama_tokenizer, "LlamaTokenizer", _MISTRAL_TEMPLATE),
+    "qwen2": (_qwen2_tokenizer, "Qwen2Tokenizer", _CHATML_TEMPLATE),
+}
+_DECODER_SPECIALS = {
+    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "qwen2": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None},
+}
+
+
+@functools.cache
+def _decoder_tokenizer_json(family: str) -> str:
+    return _DECODER_TOKENIZERS[family][0]().to_str()
+
+
+def write_decoder_tokenizer(path: Path, family: str) -> Tokenizer:
+    """tokenizer.json + tokenizer_config.json (with the chat template) + special_tokens_map.json for a decoder."""
+    tokenizer = Tokenizer.from_str(_decoder_tokenizer_json(family))
+    tokenizer.save(str(path / "tokenizer.json"))
+    _, tokenizer_class, template = _DECODER_TOKENIZERS[family]
+    specials = _DECODER_SPECIALS[family]
+    added = {
+        str(tokenizer.token_to_id(t.content)): {
+            "content": t.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True,
+        }
+        for t in tokenizer.get_added_tokens_decoder().values()
+    }  # fmt: skip
+    config = {**specials, "added_tokens_decoder": added, "model_max_length": 128, "padding_side": "right",
+              "tokenizer_class": tokenizer_class, "clean_up_tokenization_spaces": False}  # fmt: skip
+    if family in ("llama", "mistral"):
+        config.update(add_bos_token=True, add_eos_token=False, legacy=False, add_prefix_space=True)
+    else:
+        config.update(add_prefix_space=False)
+    if template is not None:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps({k: v for k, v in specials.items() if v}, indent=2))
+    return tokenizer
+
+
+def _hf_decoder_config(family: str, tokenizer: Tokenizer, overrides: dict):
+    import transformers
+
+    if family == "gpt2":
+        eos = tokenizer.token_to_id("<|endoftext|>")
+        sizes = {"n_embd": 32, "n_head": 4, "n_inner": 37, "n_layer": 2, "n_positions": 128,
+                 "bos_token_id": eos, "eos_token_id": eos}  # fmt: skip
+    else:
+        sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 37,
+                 "num_hidden_layers": 2, "max_position_embeddings": 128}  # fmt: skip
+    if family in ("llama", "mistral"):
+        sizes.update(bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":
+        bos, eos = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>")
+        sizes.update(bos_token_id=bos, eos_token_id=eos)
+    vocab_size = tokenizer.get_vocab_size()
+    return transformers.AutoConfig.for_model(family, **{"vocab_size": vocab_size, **sizes, **overrides})
+
+
+def make_decoder_checkpoint(path, family: str, head: str = "causal-lm", *, sharded: bool = False,
+                            dtype: torch.dtype | None = None, **config_overrides) -> Path:  # fmt: skip
+    """Write a tiny random causal LM of `family` (with its tokenizer and chat template) into `path`.
+    Config overrides pass through to transformers, e.g. rope_scaling={...}, sliding_window=5, tie_word_embeddings."""
+    import transformers
+
+    if family not in DECODER_FAMILIES or head not in DECODER_HEADS:
+        raise ValueError(
+            f"unknown family {family!r} or head {head!r}; decoders: {DECODER_FAMILIES}, heads: {DECODER_HEADS}"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_decoder_tokenizer(path, family)
+    config = _hf_decoder_config(family, tokenizer, copy.deepcopy(config_overrides))  # transformers edits nested dicts
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # perturb every weight; 0.3 (not 0.1) so that greedy decoding does not repeat one token
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, max_shard_size="20KB" if sharded else "50GB")
+    return path
+
+
+def cached_logits(model, input_ids: torch.Tensor, prefill: int, chunk: int = 1) -> torch.Tensor:
+    """Logits (B, T, V) of every position computed through a KV cache, as the generation engine does: the first
+    `prefill` tokens in one prefill pass, then `chunk` tokens per pass at their positions (chunk=1 is decoding)."""
+    from pipelines import layers
+
+    B, T = input_ids.shape
+    n_layers, n_kv, head_dim = model.config.cache_shape
+    cache = layers.KVCache(n_layers, n_kv, head_dim, slots=B + 1, capacity=T + 3, device=input_ids.device,
+                           dtype=next(model.parameters()).dtype)  # fmt: skip
+    with torch.no_grad():
+        out = [model(input_ids[:, :prefill], cache=cache.rows(0, prefill, prefill=True))]
+        for start in range(prefill, T, chunk):
+            ids = input_ids[:, start : start + chunk]
+            positions = torch.arange(start, start + ids.shape[1]).expand(B, -1)
+            out.append(model(ids, positions, cache=cache.rows(0, start + ids.shape[1])))
+    return torch.cat(out, dim=1)
