@@ -162,6 +162,12 @@ class Engine:
                 self._release([seq])
         return True
 
+    def reset(self) -> None:
+        """Forget every sequence and the cache: the way back to a consistent engine after a failed step (a
+        forward pass that ran out of memory leaves slots half written)."""
+        self.waiting.clear()
+        self.running, self.sequences, self.cache = [], {}, None
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

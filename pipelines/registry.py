@@ -82,6 +82,8 @@ TASKS: dict[str, TaskSpec] = {
                           "distilbert/distilroberta-base"),
     "zero-shot-classification": TaskSpec("pipelines.tasks.zero_shot_classification:ZeroShotClassificationPipeline",
                                          "sequence-classification", "cross-encoder/nli-distilroberta-base"),
+    "text-generation": TaskSpec("pipelines.tasks.text_generation:TextGenerationPipeline", "causal-lm",
+                                "openai-community/gpt2"),
 }  # fmt: skip
 
 
