@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--postprocess-concurrency", type=int, help="max postprocess tasks (default: a quarter of the CPUs)")
     p.add_argument("--batch-size", type=int, help="rows per micro-batch")
     p.add_argument("--max-batch-tokens", type=int, help="padded tokens per micro-batch")
-    p.add_argument("--rows-per-batch", type=int, default=4096, help="rows per model call (length-sorted inside)")
+    p.add_argument("--rows-per-batch", type=int, help="rows per model call (default: the task's, 4096; generation 256)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16")
     p.add_argument("--device-map", help="a device_map for the model actors, e.g. auto")
     return p.parse_args(argv)

@@ -40,6 +40,8 @@ class Pipeline(nn.Module):
     # faster than 32 rows without a budget (see BENCHMARKS.md); accelerators want bigger batches.
     default_batch_size = 128
     default_max_batch_tokens = {"cpu": 2048, "cuda": 16384, "mps": 8192}
+    default_rows_per_batch = 4096  # rows per model call in a Ray job
+    concurrent_batches = 1  # model calls one Ray actor runs at once
 
     def __init__(self, model: nn.Module | None, tokenizer, *, config: dict | None = None, model_path=None,
                  batch_size: int | None = None, max_batch_tokens: int | None = None,

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,23 +181,24 @@ class ModelStage:
         start = time.perf_counter()
         cells, errors = table.column(PARTS).to_pylist(), table.column(ERROR).to_pylist()
         rows = {row: pickle.loads(cell) for row, cell in enumerate(cells) if errors[row] is None}
-        outputs = self._run(rows, table)
+        outputs, failures, last = self._run(rows, table)
         if len(rows) > 1 and not outputs:
-            raise RuntimeError(f"every row of a batch of {len(rows)} failed in the model, even alone: {self._last}")
+            raise RuntimeError(f"every row of a batch of {len(rows)} failed in the model, even alone: {last}")
         for row in rows:
             if row in outputs:
                 merged = [{**part, **outputs_to_numpy(out)} for part, out in zip(rows[row], outputs[row])]
                 cells[row] = pickle.dumps(merged, protocol=5)
             else:
-                cells[row], errors[row] = None, self._errors[row]
+                cells[row], errors[row] = None, failures[row]
         table = _with(_with(table, PARTS, cells, pa.binary()), ERROR, errors, pa.string())
         return _stamp(table, "model", start)
 
-    def _run(self, rows: dict[int, list], table: pa.Table) -> dict[int, list]:
-        """Model outputs per row: all rows in one call; on failure, each row alone."""
-        self._errors, self._last = {}, None
+    def _run(self, rows: dict[int, list], table: pa.Table) -> tuple[dict[int, list], dict[int, str], Exception | None]:
+        """Model outputs per row: all rows in one call; on failure, each row alone. Also the failed rows'
+        reasons and the last failure. Nothing is kept on self: calls may run on several threads at once."""
+        failures, last = {}, None
         try:
-            return self._call(rows)
+            return self._call(rows), failures, last
         except ItemOutOfMemoryError:
             pass  # the row is found below, where it fails alone
         except Exception as e:  # noqa: BLE001 - isolated below, row by row
@@ -208,8 +210,8 @@ class ModelStage:
             except Exception as e:  # noqa: BLE001 - this row's failure
                 if self.spec.error_column is None:
                     _fail(table, self.spec, row, e)
-                self._errors[row], self._last = _reason(e), e
-        return outputs
+                failures[row], last = _reason(e), e
+        return outputs, failures, last
 
     def _call(self, rows: dict[int, list]) -> dict[int, list]:
         features, owners = [], []
@@ -281,6 +283,7 @@ class Resources:
     preprocess_concurrency: int | None = None  # max preprocess tasks; None: as many as resources allow
     postprocess_concurrency: int | None = None  # max postprocess tasks
     rows_per_batch: int = 4096  # rows per model call, length-sorted and micro-batched inside
+    concurrent_batches: int = 1  # model calls running at once in each actor (generation: they share one engine)
     cpu_rows_per_batch: int = 256  # rows per preprocess / postprocess task
 
 
@@ -288,7 +291,7 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
                  output_column: str | None = None, batch_size: int | None = None, max_batch_tokens: int | None = None,
                  num_gpus: float | None = None, concurrency: int | tuple[int, int] | None = None,
                  preprocess_concurrency: int | None = None, postprocess_concurrency: int | None = None, dtype=None, device_map=None, on_error: str = "raise",
-                 id_column: str | None = None, error_column: str = "error", rows_per_batch: int = 4096,
+                 id_column: str | None = None, error_column: str = "error", rows_per_batch: int | None = None,
                  model_threads: int | None = None, stats: bool = False, revision: str | None = None,
                  quantization: str | None = None, **task_params):  # fmt: skip
     """Append the task's answer to every row of the Ray Dataset `ds` (lazy; rows 1:1, order not kept).
@@ -301,6 +304,8 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
     preprocess_concurrency / postprocess_concurrency: the most CPU tasks of each stage at once; default a
     quarter of the cluster's CPUs (one tokenizer task handles ~10k short rows/s; every extra task is one more
     process that imports torch and loads the tokenizer, which on a 2-core machine the model pays for).
+    rows_per_batch: rows per model call (the pipeline's default_rows_per_batch: 4096; 256 for text generation,
+    whose actors run `concurrent_batches` calls at once on one engine so that it stays full while a call drains).
     on_error: "raise" fails the job naming the row; "record" puts the reason in `error_column` (null when
     the row succeeded) and goes on. id_column names rows in errors. stats: keep per-row timing columns.
     The other keywords are the task's parameters (`top_k=`, `aggregation_strategy=`, ...).
@@ -322,8 +327,8 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
     )  # fmt: skip
     _check_columns(ds, spec)
     resources = _resources(ray, num_gpus, concurrency, (preprocess_concurrency, postprocess_concurrency),
-                           rows_per_batch, model_threads)  # fmt: skip
-    return plan(ds, spec, resources)
+                           rows_per_batch or pipe.default_rows_per_batch, model_threads)  # fmt: skip
+    return plan(ds, spec, dataclasses.replace(resources, concurrent_batches=pipe.concurrent_batches))
 
 
 def plan(ds, spec: StageSpec, res: Resources):
@@ -335,7 +340,9 @@ def plan(ds, spec: StageSpec, res: Resources):
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, compute=_tasks(res.preprocess_concurrency), **cpu)
     ds = ds.map_batches(
         ModelStage, fn_constructor_kwargs={"spec": spec, "threads": res.model_threads},
-        compute=ray.data.ActorPoolStrategy(min_size=res.concurrency[0], max_size=res.concurrency[1]),
+        compute=ray.data.ActorPoolStrategy(min_size=res.concurrency[0], max_size=res.concurrency[1],
+                                           max_concurrent_calls_per_actor=res.concurrent_batches,
+                                           enable_true_multi_threading=res.concurrent_batches > 1),
         batch_format="pyarrow", batch_size=res.rows_per_batch, num_cpus=res.model_cpus, num_gpus=res.num_gpus,
         udf_modifying_row_count=False,
     )  # fmt: skip

@@ -134,3 +134,23 @@ def test_arguments_are_checked_before_any_work(checkpoint):
         run_pipeline(ds, "sentence-embeddings", model=str(path), on_error="ignore")
     with pytest.raises(ValueError, match="already an input column"):
         run_pipeline(ds, "sentence-embeddings", model=str(path), output_column="text")
+
+
+def test_text_generation_rows_equal_in_process_with_batches_sharing_the_engine(checkpoint):
+    """Prompts and chats through run_pipeline: each row's answer equals the in-process pipeline's (greedy and
+    seeded sampling), rows 1:1, with several model calls in flight in the actor's one engine."""
+    path = str(checkpoint("qwen2", "causal-lm"))
+    prompts = [f"{SENTENCES[i % len(SENTENCES)]} {i}" for i in range(48)]
+    rows = [{"id": i, "text": p} for i, p in enumerate(prompts)]
+    params = {"max_new_tokens": 6, "do_sample": False}
+    ds = run_pipeline(ray.data.from_items(rows, override_num_blocks=6), "text-generation", model=path,
+                      rows_per_batch=8, **params)  # fmt: skip
+    out = ds.take_all()
+    assert sorted(r["id"] for r in out) == list(range(48))
+    expected = pipeline("text-generation", path)(prompts, **params)
+    assert {r["id"]: r["generated"] for r in out} == dict(enumerate(expected))
+    chats = [{"id": i, "text": [{"role": "user", "content": p}]} for i, p in enumerate(prompts[:6])]
+    sampled = {"max_new_tokens": 5, "do_sample": True, "seed": 3}
+    out = run_pipeline(ray.data.from_items(chats), "text-generation", model=path, **sampled).take_all()
+    expected = pipeline("text-generation", path)([c["text"] for c in chats], **sampled)
+    assert {r["id"]: r["generated"] for r in out} == dict(enumerate(expected))

@@ -38,7 +38,8 @@ class TextGenerationPipeline(Pipeline):
     model_input_names = ("input_ids",)
     default_batch_size = 64  # sequences running at once in the engine
     default_max_batch_tokens = {"cpu": 2048, "cuda": 8192, "mps": 4096}  # prompt tokens prefilled per step
-    concurrent_batches = 4  # Ray model actors keep this many batches in the engine at once
+    default_rows_per_batch = 256  # rows per model call in a Ray job; an actor runs concurrent_batches at once,
+    concurrent_batches = 4  # all in one engine, so that it stays full while one call's last sequences finish
 
     def __init__(self, model, tokenizer, *, config: dict | None = None, model_path=None, kv_cache_tokens=None,
                  **params):  # fmt: skip
