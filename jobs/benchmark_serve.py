@@ -111,7 +111,7 @@ def wait_ready(url: str, limit_s: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer within {limit_s} s")
 
 
-def serve_ours(folder: Path, threads: int):
+def serve_ours(folder: Path, threads: int, **args):
     """Start Ray and our application on a loopback port; returns (embeddings URL, stop function)."""
     import ray
     from ray import serve
@@ -121,7 +121,8 @@ def serve_ours(folder: Path, threads: int):
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"task": "sentence-embeddings", "model": str(folder), "threads": threads, "max_in_flight": 256})
+    app = build_app({"task": "sentence-embeddings", "model": str(folder), "threads": threads, "max_in_flight": 256,
+                     **args})
     serve.run(app, name="emb", route_prefix="/emb")
 
     def stop():
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--infinity", help="path of the infinity_emb executable (its own virtualenv)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of our model replica")
+    parser.add_argument("--threads", type=int, help="torch threads of our model replica (default: the app's)")
     parser.add_argument("--wait-idle", type=float, default=120.0, metavar="S")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
