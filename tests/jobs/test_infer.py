@@ -100,6 +100,24 @@ def test_bad_rows_go_to_the_errors_folder_and_labels_equal_in_process(cluster, c
     assert (summary["rows_in"], summary["rows_out"], summary["error_rows"]) == (120, 119, 1)
 
 
+def test_text_generation_job_equals_in_process(cluster, checkpoint, tmp_path):
+    """`ray job submit` of text generation: each row's generated text equals the in-process pipeline's; an
+    empty prompt is that row's error."""
+    path = checkpoint("llama", "causal-lm")
+    rows = _rows(40)
+    rows[7]["text"] = ""
+    inputs = _write_jsonl(tmp_path / "in", rows)
+    params = {"max_new_tokens": 6, "do_sample": False}
+    result = _submit(cluster, "--task", "text-generation", "--model", path, "--input", inputs / "part0.jsonl",
+                     "--output", tmp_path / "out", "--errors", tmp_path / "errors", "--params", json.dumps(params))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
+    assert [r["id"] for r in errors] == [7] and "the prompt is empty" in errors[0]["error"]
+    good = [r for r in rows if r["text"]]
+    expected = dict(zip((r["id"] for r in good), pipeline("text-generation", path)([r["text"] for r in good], **params)))
+    assert {r["id"]: r["generated"] for r in out} == expected
+
+
 def test_without_errors_folder_the_job_fails_naming_the_row(cluster, checkpoint, tmp_path):
     path = checkpoint("bert", "sequence-classification")
     rows = _rows(50)
