@@ -17,20 +17,19 @@ timeout, 503 with Retry-After when more requests are in flight than the replica 
 
 import asyncio
 import base64
-import json
 import logging
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import PlainTextResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from deploy.common import (Body, PredictRequest, ServeError, busy, call_params, check_auth, install_error_handlers,
+                           internal_response, parse, read_json, replica_options, timeout_response)
 from deploy.metrics import Metrics
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 from pipelines.factory import pipeline
@@ -42,27 +41,7 @@ MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's own header: its proxy rou
 REPLICA_RETRIES = 3  # a request whose model replica died is sent again, this many times at most
 
 
-class ServeError(Exception):
-    """An error answered to the client with `status` and `{"error": message, "error_type": kind}`."""
-
-    def __init__(self, status: int, message: str, kind: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
-
-
-# -- request bodies -------------------------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PredictRequest(_Body):
-    """Hugging Face Inference API: one input or a list; `parameters` are the task's (`top_k`, ...)."""
-
-    inputs: Any = Field(description="a text, a dict (QA, text pairs) or a list of them")
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-
-class EmbeddingsRequest(_Body):
+class EmbeddingsRequest(Body):
     """OpenAI `/v1/embeddings`."""
 
     input: str | list[str]
@@ -72,7 +51,7 @@ class EmbeddingsRequest(_Body):
     user: str | None = None
 
 
-class EmbedRequest(_Body):
+class EmbedRequest(Body):
     """TEI `/embed`."""
 
     inputs: str | list[str]
@@ -168,16 +147,7 @@ def _encode(vector: list[float], fmt: str):
     return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
 
 
-def _call_params(pipe, parameters: dict) -> tuple[dict, dict, dict]:
-    """The pipeline's construction-time parameters overlaid with a request's `parameters`."""
-    base_pre, base_fwd, base_post = pipe._params
-    pre, fwd, post = pipe._sanitize_parameters(**parameters)
-    return {**base_pre, **pre}, {**base_fwd, **fwd}, {**base_post, **post}
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_request, exc: RequestValidationError):
-    return JSONResponse({"error": str(exc), "error_type": "validation"}, status_code=422)
+install_error_handlers(api)
 
 
 # serve.ingress pickles the app and the class where it decorates them: everything they use is defined above.
@@ -237,13 +207,12 @@ class Ingress:
     async def _handle(self, request: Request, route: str, handler):
         start = time.perf_counter()
         try:
-            self._check_auth(request)
+            check_auth(request, self.api_key)
             if self.in_flight >= self.max_in_flight:
-                raise ServeError(503, f"server busy: {self.in_flight} requests in flight (the most this replica "
-                                      "accepts); retry later", "overloaded", {"Retry-After": "1"})  # fmt: skip
+                raise busy(self.in_flight)
             self.in_flight += 1
             try:
-                body = await self._json(request)
+                body = await read_json(request, self.max_body)
                 model_id = self._model_id(request, body)
                 response = await asyncio.wait_for(handler(body, model_id), timeout=self.timeout_s)
             finally:
@@ -253,16 +222,14 @@ class Ingress:
             raise
         except ServeError as e:
             self.metrics.request(route, e.status, e.kind, time.perf_counter() - start)
-            return JSONResponse({"error": e.message, "error_type": e.kind}, status_code=e.status, headers=e.headers)
+            return e.response()
         except TimeoutError:
             self.metrics.request(route, 408, "timeout", time.perf_counter() - start)
-            return JSONResponse({"error": f"the request took longer than {self.timeout_s} s", "error_type": "timeout"},
-                                status_code=408)  # fmt: skip
+            return timeout_response(self.timeout_s)
         except Exception:  # a bug or a broken model, not a bad request: logged, answered as such
             logger.exception("internal error on %s", route)
             self.metrics.request(route, 500, "internal", time.perf_counter() - start)
-            return JSONResponse({"error": "internal error; see the server log", "error_type": "internal"},
-                                status_code=500)  # fmt: skip
+            return internal_response()
         self.metrics.request(route, 200, None, time.perf_counter() - start)
         return response
 
@@ -285,30 +252,6 @@ class Ingress:
             self.pipes[key] = self.tokenize_only(self.models[key])
         return self.pipes[key]
 
-    def _check_auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise ServeError(401, "missing or wrong bearer token (Authorization: Bearer <key>)", "authentication")
-
-    async def _json(self, request: Request):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise ServeError(413, f"request body of {size} bytes is over the limit of {self.max_body}", "payload_too_large")
-        raw = await request.body()
-        if len(raw) > self.max_body:
-            raise ServeError(413, f"request body of {len(raw)} bytes is over the limit of {self.max_body}",
-                             "payload_too_large")  # fmt: skip
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ServeError(422, f"the body is not valid JSON: {e}", "validation") from None
-
-    def _parse(self, model: type[BaseModel], body):
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:  # name the fields
-            detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
-            raise ServeError(422, detail or str(e), "validation") from None
-
     def _items(self, inputs) -> tuple[list, bool]:
         single = isinstance(inputs, (str, dict))
         items = [inputs] if single else inputs
@@ -327,7 +270,7 @@ class Ingress:
         Returns the answers and the number of tokens the model read."""
         pipe = self._pipe(model_id)
         try:
-            pre, fwd, post = _call_params(pipe, parameters)
+            pre, fwd, post = call_params(pipe, parameters)
             parts = [pipe.preprocess_item(item, i, pre) for i, item in enumerate(items)]
         except (TypeError, ValueError, KeyError) as e:
             raise ServeError(422, str(e).strip("'\""), "validation") from None
@@ -358,7 +301,7 @@ class Ingress:
 
     # -- the three formats -------------------------------------------------------------------------------------
     async def _predict(self, body, model_id: str):
-        request = self._parse(PredictRequest, body)
+        request = parse(PredictRequest, body)
         items, single = self._items(request.inputs)
         answers, _ = await self._run(items, request.parameters, model_id)
         return answers[0] if single else answers
@@ -370,7 +313,7 @@ class Ingress:
 
     async def _openai_embeddings(self, body, model_id: str):
         self._embedding_task()
-        request = self._parse(EmbeddingsRequest, body)
+        request = parse(EmbeddingsRequest, body)
         items, _ = self._items(request.input)
         vectors, tokens = await self._run(items, {}, model_id)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
@@ -380,7 +323,7 @@ class Ingress:
 
     async def _tei_embed(self, body, model_id: str):
         self._embedding_task()
-        request = self._parse(EmbedRequest, body)
+        request = parse(EmbedRequest, body)
         items, _ = self._items(request.inputs)
         pipe = self._pipe(model_id)
         if not request.truncate:
@@ -419,51 +362,10 @@ def model_ongoing_requests(max_batch_tokens: int, given=None) -> int:
     return given
 
 
-def autoscaling(given, max_ongoing_requests: int) -> dict | None:
-    """The model deployment's `autoscaling_config`, checked against its `max_ongoing_requests`.
-
-    Keys are Serve's (`min_replicas`, `max_replicas`, `initial_replicas`, `target_ongoing_requests`,
-    `upscale_delay_s`, `downscale_delay_s`, ...). `target_ongoing_requests` defaults to half of what a replica
-    holds, half a full batch of small requests: Serve's default of 2 would add replicas while every batch runs
-    nearly empty. A target above `max_ongoing_requests` can never be reached, so it is refused.
-    """
-    if given is None:
-        return None
-    from ray.serve.config import AutoscalingConfig
-
-    if not isinstance(given, dict):
-        raise ValueError(f"autoscaling must be a mapping of Serve autoscaling settings, got {given!r}")
-    known = sorted(getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__)
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ValueError(f"autoscaling: unknown setting(s) {unknown}; Serve's settings: {known}")
-    config = {"target_ongoing_requests": max(1, max_ongoing_requests // 2), **given}
-    if config["target_ongoing_requests"] > max_ongoing_requests:
-        raise ValueError(f"autoscaling target_ongoing_requests={config['target_ongoing_requests']} can never be "
-                         f"reached: a model replica holds at most max_ongoing_requests={max_ongoing_requests}")  # fmt: skip
-    try:
-        AutoscalingConfig(**config)
-    except Exception as e:  # pydantic's error names the field and the rule
-        raise ValueError(f"autoscaling: {e}") from None
-    return config
-
-
 def model_deployment_options(args: dict, gpus: float, max_batch_tokens: int) -> dict:
     """`ModelServer.options(...)` from build_app's args (pops what it uses): replicas or autoscaling, resources,
     and an ongoing-request limit that lets batches fill."""
-    max_ongoing = model_ongoing_requests(max_batch_tokens, args.pop("max_ongoing_requests", None))
-    options = {
-        "ray_actor_options": {"num_cpus": 1.0 if gpus else 0.25, "num_gpus": gpus},  # fractions fit 2-core machines
-        "max_ongoing_requests": max_ongoing,
-    }
-    scaling = autoscaling(args.pop("autoscaling", None), max_ongoing)
-    if scaling is not None and "model_replicas" in args:
-        raise ValueError("give either model_replicas (a fixed count) or autoscaling (a range), not both")
-    if scaling is not None:
-        options["autoscaling_config"] = scaling
-    else:
-        options["num_replicas"] = int(args.pop("model_replicas", 1))
-    return options
+    return replica_options(args, gpus, model_ongoing_requests(max_batch_tokens, args.pop("max_ongoing_requests", None)))
 
 
 def build_app(args: dict):
@@ -473,8 +375,13 @@ def build_app(args: dict):
     or autoscaling (Serve's autoscaling_config for the model deployment), max_ongoing_requests, models
     ({id: Hub id or folder}, multiplexed, selected by the `serve_multiplexed_model_id` header) with
     max_models_per_replica, ingress_replicas, num_gpus, max_client_batch_size, max_body_bytes, max_in_flight,
-    request_timeout_s, api_key, threads, and the task's parameters under `params`.
+    request_timeout_s, api_key, threads, and the task's parameters under `params`. task=text-generation builds
+    deploy.generation's application instead (OpenAI completions and chat, streaming).
     """
+    if args.get("task") == "text-generation":  # streams from a continuous-batching engine: its own application
+        from deploy.generation import build_generation_app
+
+        return build_generation_app(args)
     args = dict(args)
     task, model = args.pop("task", None), args.pop("model", None)
     if model is None:

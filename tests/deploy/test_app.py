@@ -5,7 +5,6 @@ multiplexed models with LRU; a model replica killed under load; a client that ha
 autoscaling adds a replica under load."""
 
 import base64
-import json
 import socket
 import threading
 import time

@@ -63,3 +63,11 @@ def test_the_shipped_serve_config_is_valid_and_builds():
     assert config["http_options"]["host"] == "127.0.0.1"
     for app in config["applications"]:
         assert app["import_path"] == "deploy.app:build_app" and build_app(app["args"]) is not None
+
+
+def test_text_generation_gets_the_generation_application(checkpoint):
+    """build_app(task=text-generation) hands over to deploy.generation (its ingress streams OpenAI routes)."""
+    app = build_app({"task": "text-generation", "model": str(checkpoint("gpt2", "causal-lm")), "max_sequences": 8})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown argument"):
+        build_app({"task": "text-generation", "model": "x", "max_batch_tokns": 8})
