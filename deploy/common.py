@@ -132,7 +132,10 @@ def autoscaling(given, max_ongoing_requests: int) -> dict | None:
 def replica_options(args: dict, gpus: float, max_ongoing: int) -> dict:
     """A model deployment's `.options(...)` (pops what it uses from build args): a fixed `model_replicas` or
     `autoscaling`, fractional CPUs without a GPU (they fit 2-core machines), and `max_ongoing`."""
-    options = {"ray_actor_options": {"num_cpus": 1.0 if gpus else 0.25, "num_gpus": gpus}, "max_ongoing_requests": max_ongoing}
+    options = {
+        "ray_actor_options": {"num_cpus": 1.0 if gpus else 0.25, "num_gpus": gpus},
+        "max_ongoing_requests": max_ongoing,
+    }
     scaling = autoscaling(args.pop("autoscaling", None), max_ongoing)
     if scaling is not None and "model_replicas" in args:
         raise ValueError("give either model_replicas (a fixed count) or autoscaling (a range), not both")

@@ -156,24 +156,25 @@ class TextStream:
         self.decode = decode
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0  # ids[prefix:read] is already emitted text, kept as decoding context
+        self.before = ""  # decode(ids[prefix:read]), kept: it changes only when text is emitted
         self.emitted = ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.decode(self.ids[self.prefix : self.read])
         text = self.decode(self.ids[self.prefix :])
-        if len(text) <= len(before) or text.endswith("\ufffd"):
+        if len(text) <= len(self.before) or text.endswith("\ufffd"):
             return ""
-        delta = text[len(before) :]
+        delta = text[len(self.before) :]
         self.prefix, self.read = self.read, len(self.ids)
+        self.before = self.decode(self.ids[self.prefix : self.read])
         self.emitted += delta
         return delta
 
     def flush(self) -> str:
         """What is still held back; the concatenation of all deltas is then exactly `decode(ids)`."""
         full = self.decode(self.ids)
-        if not full.startswith(self.emitted):  # a decoder that rewrites earlier text (rare): send the difference
-            logger.debug("streamed text diverged from the full decode; sending the tail")
+        if not full.startswith(self.emitted):  # a decoder that rewrites earlier text (rare): what was sent stays
+            logger.debug("streamed text diverged from the full decode; nothing more is sent")
         delta = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
         self.emitted += delta
         return delta

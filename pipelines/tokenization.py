@@ -119,10 +119,13 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self._backend.id_to_token(i) for i in ids]
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; spaces before punctuation removed where tokenizer_config.json asks for it."""
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               clean_up_tokenization_spaces: bool | None = None) -> str:  # fmt: skip
+        """Text of `ids`; spaces before punctuation removed where `clean_up_tokenization_spaces` asks for it
+        (default: as tokenizer_config.json says)."""
         text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        return clean_up_tokenization(text) if self.clean_up_spaces else text
+        clean = self.clean_up_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean else text
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Token strings back to text through the decoder (transformers' fast-tokenizer method of this name)."""

@@ -157,12 +157,7 @@ class TextGenerationPipeline(Pipeline):
 
     def decode(self, ids: list[int], clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of generated ids, special tokens skipped; clean-up as the tokenizer config says unless given."""
-        if clean_up_tokenization_spaces is None:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-        from pipelines.tokenization import clean_up_tokenization
-
-        text = self.tokenizer._backend.decode(ids, skip_special_tokens=True)
-        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
 
     def _full_text(self, outputs: Features, new: str):
         if outputs.get("messages") is not None:
@@ -182,7 +177,7 @@ class TextGenerationPipeline(Pipeline):
         (request,) = self.requests(self.preprocess_item(item, 0, pre), {**fwd, "num_return_sequences": 1})[0]
         events: queue.Queue = queue.Queue()
         seq_id = self.loop.submit(on_event=events.put, **request)
-        text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        text = TextStream(self.decode)
         try:
             while True:
                 event = events.get()
