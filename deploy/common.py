@@ -94,9 +94,7 @@ def parse(model: type[BaseModel], body):
 
 def call_params(pipe, parameters: dict) -> tuple[dict, dict, dict]:
     """The pipeline's construction-time parameters overlaid with a request's `parameters`."""
-    base_pre, base_fwd, base_post = pipe._params
-    pre, fwd, post = pipe._sanitize_parameters(**parameters)
-    return {**base_pre, **pre}, {**base_fwd, **fwd}, {**base_post, **post}
+    return pipe.call_parameters(**parameters)
 
 
 # -- replica settings ---------------------------------------------------------------------------------------------

@@ -56,11 +56,11 @@ from ray.exceptions import RayActorError
 from deploy.common import (Body, PredictRequest, ServeError, busy, call_params, check_auth, install_error_handlers,
                            internal_response, parse, read_json, replica_options, timeout_response)
 from deploy.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, Metrics
-from pipelines import chat
+from pipelines.generation import chat
 from pipelines.convert import to_plain
 from pipelines.factory import pipeline
-from pipelines.generation import TextStream
-from pipelines.sampling import MAX_NEW_TOKENS, GenerationParams, truncate_at_stop
+from pipelines.generation.streaming import TextStream
+from pipelines.generation.sampling import MAX_NEW_TOKENS, GenerationParams, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 

@@ -167,8 +167,7 @@ def build_ours(spec: dict, folder: str):
     pipe = pipeline(TASK_NAMES[spec["task"]], model=folder, dtype=spec["dtype"], batch_size=spec.get("batch_size"),
                     max_batch_tokens=spec.get("max_batch_tokens"), **params)  # fmt: skip
     spec.setdefault("batch_size", pipe.batch_size)  # the defaults, for the table
-    default_budget = getattr(pipe, "default_max_batch_tokens", {}).get("cpu")
-    spec.setdefault("max_batch_tokens", pipe.max_batch_tokens or default_budget)
+    spec.setdefault("max_batch_tokens", pipe.max_batch_tokens)
     return pipe, lambda inputs: pipe(inputs)
 
 

@@ -52,7 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows-per-batch", type=int, help="rows per model call (default: the task's, 4096; generation 256)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16")
     p.add_argument("--device-map", help="a device_map for the model actors, e.g. auto")
+    p.add_argument("--quantization", choices=["int8"], help="weight-only quantization of the model's linear layers")
+    p.add_argument("--threads", type=int, help="torch threads per model actor (default: its CPUs)")
+    p.add_argument("--kv-cache-tokens", type=int, help="text generation: the engine's KV cache budget in tokens")
     return p.parse_args(argv)
+
+
+def _runtime(args: argparse.Namespace):
+    """The model actors' RuntimeConfig from the command line (unset options keep the per-device defaults)."""
+    from pipelines.runtime import RuntimeConfig
+
+    try:
+        return RuntimeConfig.create(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
+                                    threads=args.threads, batch_size=args.batch_size,
+                                    max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"jobs.infer: {e}") from None
 
 
 def _column(value: str) -> str | dict[str, str]:
@@ -115,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = files.input_paths(args.input)
     fmt = files.input_format(paths, args.input_format)
     column, params, concurrency = _column(args.column), _params(args.params), _concurrency(args.concurrency)
+    runtime = _runtime(args)
     output, errors = args.output, args.errors
     if args.task is not None:
         try:
@@ -153,10 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = run_pipeline(
             ds, args.task, model=args.model, column=column, output_column=args.output_column,
-            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, num_gpus=args.num_gpus,
+            runtime=runtime, num_gpus=args.num_gpus,
             concurrency=concurrency, preprocess_concurrency=args.preprocess_concurrency,
-            postprocess_concurrency=args.postprocess_concurrency, dtype=args.dtype,
-            device_map=args.device_map, on_error="record" if errors else "raise", id_column=id_column,
+            postprocess_concurrency=args.postprocess_concurrency,
+            on_error="record" if errors else "raise", id_column=id_column,
             rows_per_batch=args.rows_per_batch, stats=True, **params,
         )  # fmt: skip
     except (ValueError, TypeError, KeyError, OSError) as e:

@@ -11,50 +11,75 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from pipelines.batching import ItemOutOfMemoryError, MicroBatcher
 from pipelines.loading import input_device
+from pipelines.runtime import DEVICE_DEFAULTS, RuntimeConfig, positive_int
+from pipelines.tokenization import Tokenizer
 
 Features = dict[str, Any]
+
+
+class Parameters(NamedTuple):
+    """A call's parameters, split by the step that takes them (the result of `_sanitize_parameters`)."""
+
+    preprocess: dict
+    forward: dict
+    postprocess: dict
 
 
 class Pipeline(nn.Module):
     """One call from raw input to a JSON-able answer. Subclasses implement the four seed methods.
 
-    Parameters may be given at construction (defaults for every call) or per call (override those).
-    Input: one item, a list (returns a list) or any other iterable (returns an iterator that streams
-    in windows of `window_batches * batch_size` items, so memory stays constant).
+    Parameters may be given at construction (defaults for every call) or per call (override those);
+    `call_parameters` is the one place they are merged and checked. Input: one item, a list (returns a list)
+    or any other iterable (returns an iterator that streams in windows of `window_batches * batch_size`
+    items, so memory stays constant).
     """
 
     task = ""
-    output_name = "output"  # the result column when the pipeline runs as a Ray Data job
+    processor_kind = "text"  # the processor kind (pipelines/processors) that preprocess and postprocess use
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
-    token_outputs: tuple[str, ...] = ()  # outputs with one row per token, cut back to each item's length
+    token_outputs: tuple[str, ...] = ()  # outputs with one row per position, cut back to each item's length
     window_batches = 32  # inputs are length-sorted within windows of window_batches * batch_size
-    # Defaults of the micro-batch limits. A token budget keeps long inputs from padding a whole batch
-    # to their length; on 2 CPU cores (MiniLM, mixed lengths) 128 rows / 2,048 tokens ran about 2x
-    # faster than 32 rows without a budget (see BENCHMARKS.md); accelerators want bigger batches.
-    default_batch_size = 128
-    default_max_batch_tokens = {"cpu": 2048, "cuda": 16384, "mps": 8192}
-    default_rows_per_batch = 4096  # rows per model call in a Ray job
-    concurrent_batches = 1  # model calls one Ray actor runs at once
+    # The DEVICE_DEFAULTS fields (pipelines/runtime.py) that fill batch_size and max_batch_tokens when the
+    # runtime leaves them unset.
+    budget_defaults = ("batch_size", "max_batch_tokens")
 
-    def __init__(self, model: nn.Module | None, tokenizer, *, config: dict | None = None, model_path=None,
-                 batch_size: int | None = None, max_batch_tokens: int | None = None,
-                 max_length: int | None = None, **params):  # fmt: skip
+    def __init__(self, model: nn.Module | None, processor, *, config: dict | None = None, model_path=None,
+                 runtime: RuntimeConfig | None = None, max_length: int | None = None, **params):  # fmt: skip
         super().__init__()
         self.model = model
-        self.tokenizer = tokenizer
+        self.processor = processor
+        self.tokenizer = processor if isinstance(processor, Tokenizer) else getattr(processor, "tokenizer", None)
         self.config = dict(config or {})
         self.model_path = model_path
-        self.batch_size = _positive("batch_size", self.default_batch_size if batch_size is None else batch_size)
-        self.max_batch_tokens = None if max_batch_tokens is None else _positive("max_batch_tokens", max_batch_tokens)
-        self.max_length = max_length or tokenizer.model_max_length
-        self._params = self._sanitize_parameters(**params)
+        self.runtime = runtime if runtime is not None else RuntimeConfig()
+        self.layout = processor.layout(self.model_input_names)
+        self.max_length = max_length or processor.model_max_length
+        self._defaults = Parameters(*self._sanitize_parameters(**params))
+
+    @property
+    def batch_size(self) -> int:
+        """Items per micro-batch: the runtime's, else the default for the model's device."""
+        return self.runtime.batch_size or getattr(DEVICE_DEFAULTS[self.device.type], self.budget_defaults[0])
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Padded tokens per micro-batch: the runtime's, else the default for the model's device."""
+        return self.runtime.max_batch_tokens or getattr(DEVICE_DEFAULTS[self.device.type], self.budget_defaults[1])
+
+    def call_parameters(self, **params) -> Parameters:
+        """The (preprocess, forward, postprocess) parameters of a call: the construction-time defaults overlaid
+        with `params`, which are checked (unknown names and bad values raise). No params: the defaults."""
+        if not params:
+            return self._defaults
+        call = self._sanitize_parameters(**params)
+        return Parameters(*({**base, **given} for base, given in zip(self._defaults, call)))
 
     # -- the seed contract ----------------------------------------------------------------------------
     def _sanitize_parameters(self, **params) -> tuple[dict, dict, dict]:
@@ -90,7 +115,7 @@ class Pipeline(nn.Module):
     def preprocess_item(self, item, index: int, params: dict | None = None) -> list[Features]:
         """Features for one input, as a list of forward passes (one here; several in a ChunkPipeline).
         A bad input raises TypeError / ValueError naming its index."""
-        params = self._params[0] if params is None else params
+        params = self._defaults.preprocess if params is None else params
         try:
             return self._parts(item, params)
         except (TypeError, ValueError) as e:
@@ -104,29 +129,23 @@ class Pipeline(nn.Module):
     def run_model(self, features: Sequence[Features], *, batch_size: int | None = None,
                   max_batch_tokens: int | None = None, params: dict | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Model outputs for each features dict, in order, on CPU: length-sorted token-budget micro-batches."""
-        params = self._params[1] if params is None else params
+        params = self._defaults.forward if params is None else params
 
         def forward(batch):
             return {k: v.detach().cpu() for k, v in self.forward(batch, **params).items()}
 
-        batcher = MicroBatcher(
-            forward,
-            input_names=self.model_input_names,
-            pad_id=self.tokenizer.pad_token_id,
-            padding_side=self.tokenizer.padding_side,
-            token_outputs=self.token_outputs,
-            batch_size=batch_size or self.batch_size,
-            max_batch_tokens=max_batch_tokens or self.max_batch_tokens or self.default_max_batch_tokens.get(self.device.type),
-        )
+        batcher = MicroBatcher(forward, layout=self.layout, token_outputs=self.token_outputs,
+                               batch_size=batch_size or self.batch_size,
+                               max_batch_tokens=max_batch_tokens or self.max_batch_tokens)  # fmt: skip
         return batcher.run(features)
+
+    def feature_length(self, features: Features) -> int:
+        """The length an item's features count for in token budgets (tokens, frames; 1 without a length)."""
+        return self.layout.item_length(features)
 
     def postprocess_item(self, parts: list[Features], params: dict | None = None) -> Any:
         """The answer for one input from its features merged with their model outputs."""
-        return self.postprocess(parts[0], **(self._params[2] if params is None else params))
-
-    def arrow_type(self, params: dict | None = None):
-        """The Arrow type of one answer where values cannot show it (an empty list of entities); None: inferred."""
-        return None
+        return self.postprocess(parts[0], **(self._defaults.postprocess if params is None else params))
 
     def encode_text(self, text, pair=None, **kwargs):
         """Tokenize a text (or pair) truncated to the pipeline's maximum length; TypeError for non-strings."""
@@ -144,12 +163,8 @@ class Pipeline(nn.Module):
     # -- calling ---------------------------------------------------------------------------------------------
     def __call__(self, inputs, *, batch_size: int | None = None, max_batch_tokens: int | None = None,
                  progress: bool = False, **params):  # fmt: skip
-        pre, fwd, post = self._params
-        if params:
-            call_pre, call_fwd, call_post = self._sanitize_parameters(**params)
-            pre, fwd, post = {**pre, **call_pre}, {**fwd, **call_fwd}, {**post, **call_post}
-        batch_size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
-        run = dict(params=(pre, fwd, post), batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress)
+        batch_size = positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        run = dict(params=self.call_parameters(**params), batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress)
         if self._is_single(inputs):
             return next(self._stream([inputs], **run))
         if isinstance(inputs, (list, tuple)):
@@ -200,10 +215,5 @@ class ChunkPipeline(Pipeline):
         return list(self.preprocess(item, **params))
 
     def postprocess_item(self, parts: list[Features], params: dict | None = None) -> Any:
-        return self.postprocess(parts, **(self._params[2] if params is None else params))
+        return self.postprocess(parts, **(self._defaults.postprocess if params is None else params))
 
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value

@@ -1,9 +1,9 @@
 """Length-sorted, token-budgeted micro-batches with out-of-memory split-and-retry.
 
-A list of tokenized items (dicts of int lists) goes in; they are sorted by length, cut into
-micro-batches that respect both `batch_size` (count) and `max_batch_tokens` (rows x padded length) and
-that end where lengths fall steeply (`plan_micro_batches`), padded to the longest member, run, and the
-per-item outputs come back in input order. When a micro-batch runs out of memory it is halved and
+A list of features dicts goes in (a processor's `Layout` says how they pad and what their length is); they
+are sorted by length, cut into micro-batches that respect both `batch_size` (count) and `max_batch_tokens`
+(rows x padded length) and that end where lengths fall steeply (`plan_micro_batches`), padded to the longest
+member, run, and the per-item outputs come back in input order. When a micro-batch runs out of memory it is halved and
 retried, down to a single item; a single item that still does not fit raises `ItemOutOfMemoryError`
 naming it.
 """
@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pipelines.processors.layout import Layout
+
 logger = logging.getLogger(__name__)
 
-Features = dict[str, list[int]]
+Features = dict
 Outputs = dict[str, torch.Tensor]
 
 
@@ -72,27 +74,6 @@ def _closes(rows: int, longest: int, next_length: int, batch_size: int, max_batc
     return rows == batch_size or over_tokens or steep
 
 
-def collate(items: Sequence[Features], names: Sequence[str], pad_id: int, padding_side: str = "right") -> Outputs:
-    """Pad `items` to the longest and stack into (B, T) long tensors, plus the attention mask."""
-    longest = max(len(f["input_ids"]) for f in items)
-    batch: Outputs = {}
-    for name in names:
-        if name == "attention_mask" or name not in items[0]:
-            continue
-        pad = pad_id if name == "input_ids" else 0
-        rows = [_pad(f[name], longest, pad, padding_side) for f in items]
-        batch[name] = torch.tensor(rows, dtype=torch.long)
-    if "attention_mask" in names:
-        rows = [_pad([1] * len(f["input_ids"]), longest, 0, padding_side) for f in items]
-        batch["attention_mask"] = torch.tensor(rows, dtype=torch.long)
-    return batch
-
-
-def _pad(values: list[int], length: int, pad: int, side: str) -> list[int]:
-    fill = [pad] * (length - len(values))
-    return list(values) + fill if side == "right" else fill + list(values)
-
-
 class MicroBatcher:
     """Runs `forward` over tokenized items in length-sorted micro-batches; see the module docstring.
 
@@ -100,34 +81,23 @@ class MicroBatcher:
     each item's own length, so that results never depend on what an item was batched with.
     """
 
-    def __init__(
-        self,
-        forward: Callable[[Outputs], Outputs],
-        *,
-        input_names: Sequence[str],
-        pad_id: int,
-        padding_side: str = "right",
-        token_outputs: Sequence[str] = (),
-        batch_size: int = 32,
-        max_batch_tokens: int | None = None,
-    ):
+    def __init__(self, forward: Callable[[Outputs], Outputs], *, layout: Layout, token_outputs: Sequence[str] = (),
+                 batch_size: int = 32, max_batch_tokens: int | None = None):  # fmt: skip
         self.forward = forward
-        self.input_names = tuple(input_names)
-        self.pad_id = pad_id
-        self.padding_side = padding_side
+        self.layout = layout
         self.token_outputs = frozenset(token_outputs)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
 
     def run(self, items: Sequence[Features]) -> list[Outputs]:
-        lengths = [len(f["input_ids"]) for f in items]
+        lengths = [self.layout.item_length(f) for f in items]
         results: list[Outputs | None] = [None] * len(items)
         for indices in plan_micro_batches(lengths, self.batch_size, self.max_batch_tokens):
             self._run(items, lengths, indices, results)
         return results  # type: ignore[return-value]
 
     def _run(self, items, lengths, indices: list[int], results: list) -> None:
-        batch = collate([items[i] for i in indices], self.input_names, self.pad_id, self.padding_side)
+        batch = self.layout.collate([items[i] for i in indices])
         try:
             outputs = self.forward(batch)
         except torch.OutOfMemoryError:
@@ -140,29 +110,12 @@ class MicroBatcher:
             self._run(items, lengths, indices[:half], results)
             self._run(items, lengths, indices[half:], results)
             return
-        padded = batch["input_ids"].shape[1]
+        padded = self.layout.padded_length(batch)
         for row, i in enumerate(indices):
-            results[i] = {k: self._cut(k, v[row], lengths[i], padded) for k, v in outputs.items()}
-
-    def _cut(self, name: str, value: torch.Tensor, length: int, padded: int) -> torch.Tensor:
-        if name not in self.token_outputs:
-            return value
-        return value[:length] if self.padding_side == "right" else value[padded - length :]
+            results[i] = {k: self.layout.cut(v[row], lengths[i], padded) if k in self.token_outputs else v[row]
+                          for k, v in outputs.items()}  # fmt: skip
 
 
 def _free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def simulate_oom(module: torch.nn.Module, max_tokens: int):
-    """Make `module` raise torch.OutOfMemoryError on any call whose input_ids hold more than `max_tokens`
-    tokens (rows x padded length): the out-of-memory path, testable on a CPU. Returns the hook handle;
-    call `.remove()` on it to stop."""
-
-    def hook(_module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None and input_ids.numel() > max_tokens:
-            raise torch.OutOfMemoryError(f"simulated: {input_ids.numel()} tokens > {max_tokens}")
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True)

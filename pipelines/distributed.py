@@ -24,13 +24,14 @@ import pickle
 import time
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import torch
-
 from pipelines.batching import ItemOutOfMemoryError
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
+from pipelines.runtime import RuntimeConfig, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,45 @@ class RowError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RayTask:
+    """How a task's answers land in a Ray Dataset and how its model actors are fed: the Ray layer's own knobs,
+    which the pipeline classes know nothing of."""
+
+    output_column: str  # the result column
+    rows_per_batch: int = 4096  # rows per model call
+    concurrent_batches: int = 1  # model calls one actor runs at once
+    arrow_type: Callable[[dict], pa.DataType] | None = None  # postprocess params -> the answer's type; None: inferred
+
+
+def _entities_type(post: dict) -> pa.DataType:
+    """A list of entity structs; the fields depend on the aggregation (a text with no entity gives [])."""
+    strategy = post.get("aggregation_strategy", "none")
+    label = [("entity", pa.string())] if strategy == "none" else [("entity_group", pa.string())]
+    index = [("index", pa.int64())] if strategy == "none" else []
+    tail = [("word", pa.string()), ("start", pa.int64()), ("end", pa.int64())]
+    return pa.list_(pa.struct(label + [("score", pa.float64())] + index + tail))
+
+
+# task -> its Ray knobs; a task not listed (a registered one) writes "output" with the defaults.
+RAY_TASKS: dict[str, RayTask] = {
+    "text-classification": RayTask("classification"),
+    "zero-shot-classification": RayTask("classification"),
+    "token-classification": RayTask("entities", arrow_type=_entities_type),
+    "question-answering": RayTask("answer"),
+    "fill-mask": RayTask("fills"),
+    "feature-extraction": RayTask("features"),
+    "sentence-embeddings": RayTask("embedding"),
+    # An actor runs 4 calls of 256 rows at once, all in one engine, so that it stays full while one call's last
+    # sequences finish.
+    "text-generation": RayTask("generated", rows_per_batch=256, concurrent_batches=4),
+}
+
+
+def ray_task(task: str) -> RayTask:
+    return RAY_TASKS.get(task, RayTask("output"))
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """Everything a stage needs to rebuild its copy of the pipeline on a worker (plain, picklable values)."""
 
@@ -55,10 +95,9 @@ class StageSpec:
     output_column: str
     error_column: str | None  # None: on_error="raise"
     id_column: str | None = None
-    load: dict = field(default_factory=dict)  # pipeline() loading options: dtype, device_map, revision, ...
+    revision: str | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how the model actors load and batch
     params: dict = field(default_factory=dict)  # the task's parameters
-    batch_size: int | None = None  # rows per micro-batch
-    max_batch_tokens: int | None = None
     stats: bool = False  # keep the per-row stats columns (jobs.infer sums them for its summary)
 
 
@@ -73,8 +112,7 @@ def cpu_pipeline(spec: StageSpec):
         from pipelines.factory import pipeline
 
         torch.set_num_threads(1)  # a CPU stage is one of many processes sharing the node
-        revision = spec.load.get("revision")
-        _CPU_PIPELINES[key] = pipeline(spec.task, spec.model, revision=revision, load_weights=False, **spec.params)
+        _CPU_PIPELINES[key] = pipeline(spec.task, spec.model, revision=spec.revision, load_weights=False, **spec.params)
     return _CPU_PIPELINES[key]
 
 
@@ -135,7 +173,7 @@ def preprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
     """Features of every row (a list of forward passes each), pickled into one cell; bad rows get an error."""
     start = time.perf_counter()
     pipe = cpu_pipeline(spec)
-    pre = pipe._params[0]
+    pre = pipe.call_parameters().preprocess
     cells, errors, tokens = [], [], []
     for row, item in enumerate(_inputs(table, spec)):
         try:
@@ -147,7 +185,7 @@ def preprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
             continue
         cells.append(pickle.dumps(parts, protocol=5))
         errors.append(None)
-        tokens.append(sum(len(p["input_ids"]) for p in parts))
+        tokens.append(sum(pipe.feature_length(p) for p in parts))
     table = _with(table, PARTS, cells, pa.binary())
     table = _with(table, ERROR, errors, pa.string())
     table = _with(table, TOKENS, tokens, pa.int64())
@@ -162,19 +200,12 @@ class ModelStage:
     fault is not the rows' (a broken device): the batch fails, and Ray Data retries it on another actor.
     """
 
-    def __init__(self, spec: StageSpec, device: str | None = None, threads: int | None = None):
+    def __init__(self, spec: StageSpec):
         from pipelines.factory import pipeline
 
-        if threads:
-            torch.set_num_threads(threads)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec = spec
-        load = dict(spec.load)
-        if load.get("device_map") is None:
-            load["device"] = device
-        self.pipe = pipeline(spec.task, spec.model, batch_size=spec.batch_size,
-                             max_batch_tokens=spec.max_batch_tokens, **load, **spec.params)  # fmt: skip
+        runtime = spec.runtime.on_accelerator()  # the accelerator when the actor's node has one
+        self.pipe = pipeline(spec.task, spec.model, revision=spec.revision, runtime=runtime, **spec.params)
         logger.info("model stage ready: %s on %s, %d threads", spec.model, self.pipe.device, torch.get_num_threads())
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -229,7 +260,8 @@ def postprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
     """Each row's answer from its merged features and outputs, as an Arrow column (structs, lists, floats)."""
     start = time.perf_counter()
     pipe = cpu_pipeline(spec)
-    post = pipe._params[2]
+    post = pipe.call_parameters().postprocess
+    arrow_type = ray_task(spec.task).arrow_type
     cells, errors = table.column(PARTS).to_pylist(), table.column(ERROR).to_pylist()
     answers = []
     for row, cell in enumerate(cells):
@@ -244,7 +276,7 @@ def postprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
                 _fail(table, spec, row, e)
             answers.append(None), errors.__setitem__(row, _reason(e))
     table = table.drop_columns([PARTS])
-    table = _with(table, spec.output_column, answers, answer_type(answers, pipe.arrow_type(post)))
+    table = _with(table, spec.output_column, answers, answer_type(answers, arrow_type(post) if arrow_type else None))
     if spec.error_column is not None:
         table = _with(table, spec.error_column, errors, pa.string())
     table = table.drop_columns([ERROR])
@@ -287,48 +319,60 @@ class Resources:
     cpu_rows_per_batch: int = 256  # rows per preprocess / postprocess task
 
 
+RESOURCE_OPTIONS = ("num_gpus", "concurrency", "preprocess_concurrency", "postprocess_concurrency", "rows_per_batch",
+                    "model_threads")  # fmt: skip
+
+
 def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[str, str] = "text",
-                 output_column: str | None = None, batch_size: int | None = None, max_batch_tokens: int | None = None,
-                 num_gpus: float | None = None, concurrency: int | tuple[int, int] | None = None,
-                 preprocess_concurrency: int | None = None, postprocess_concurrency: int | None = None, dtype=None, device_map=None, on_error: str = "raise",
-                 id_column: str | None = None, error_column: str = "error", rows_per_batch: int | None = None,
-                 model_threads: int | None = None, stats: bool = False, revision: str | None = None,
-                 quantization: str | None = None, **task_params):  # fmt: skip
+                 output_column: str | None = None, id_column: str | None = None, on_error: str = "raise",
+                 error_column: str = "error", revision: str | None = None, runtime: RuntimeConfig | None = None,
+                 stats: bool = False, **options):  # fmt: skip
     """Append the task's answer to every row of the Ray Dataset `ds` (lazy; rows 1:1, order not kept).
 
     column: the input column, or {input key: column} for dict inputs ({"question": "q", "context": "c"}).
-    output_column: default the task's (`embedding`, `classification`, `entities`, `answer`, ...).
-    batch_size / max_batch_tokens: the micro-batch limits inside a model call (rows, padded tokens).
+    output_column: default the task's (`embedding`, `classification`, `entities`, `answer`, ...: RAY_TASKS).
+    on_error: "raise" fails the job naming the row; "record" puts the reason in `error_column` (null when
+    the row succeeded) and goes on. id_column names rows in errors. stats: keep per-row timing columns.
+    runtime: how the model actors load and batch (a RuntimeConfig: dtype, device_map, quantization, batch_size /
+    max_batch_tokens (the micro-batch limits inside a model call), ...); its field names as plain keywords
+    override it. The device is the actor's accelerator when its node has one, unless the runtime sets one.
+
+    Resources, as keywords:
     num_gpus: per model actor (fractions allowed); default 1 when the cluster has GPUs, else 0 (CPU).
     concurrency: model actors, a number or (min, max) to autoscale; default (1, GPUs) or 1 on CPU.
     preprocess_concurrency / postprocess_concurrency: the most CPU tasks of each stage at once; default a
     quarter of the cluster's CPUs (one tokenizer task handles ~10k short rows/s; every extra task is one more
     process that imports torch and loads the tokenizer, which on a 2-core machine the model pays for).
-    rows_per_batch: rows per model call (the pipeline's default_rows_per_batch: 4096; 256 for text generation,
-    whose actors run `concurrent_batches` calls at once on one engine so that it stays full while a call drains).
-    on_error: "raise" fails the job naming the row; "record" puts the reason in `error_column` (null when
-    the row succeeded) and goes on. id_column names rows in errors. stats: keep per-row timing columns.
+    rows_per_batch: rows per model call (RAY_TASKS: 4096; 256 for text generation, whose actors run 4 calls at
+    once on one engine so that it stays full while a call drains). model_threads: torch threads per model actor
+    (default: the node's CPUs shared among its actors; the runtime's `threads` wins).
+
     The other keywords are the task's parameters (`top_k=`, `aggregation_strategy=`, ...).
     """
     import ray
 
     from pipelines import registry
+    from pipelines.factory import split_runtime_options
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    given = {k: options.pop(k) for k in RESOURCE_OPTIONS if k in options}
+    runtime_options, task_params = split_runtime_options(options)
+    runtime = (runtime or RuntimeConfig()).merged(**runtime_options)
     pipe = _validated(task, model, revision, task_params)  # fails here, on the driver, not in a worker
+    knobs = ray_task(pipe.task)
+    resources = _resources(ray, given.get("num_gpus"), given.get("concurrency"),
+                           (given.get("preprocess_concurrency"), given.get("postprocess_concurrency")),
+                           given.get("rows_per_batch") or knobs.rows_per_batch,
+                           runtime.threads or given.get("model_threads"))  # fmt: skip
     spec = StageSpec(
         task=pipe.task, model=str(model if model is not None else registry.TASKS[pipe.task].default), column=column,
-        output_column=output_column or pipe.output_name,
-        error_column=error_column if on_error == "record" else None, id_column=id_column,
-        load={k: v for k, v in dict(dtype=dtype, device_map=device_map, revision=revision,
-                                    quantization=quantization).items() if v is not None},
-        params=task_params, batch_size=batch_size, max_batch_tokens=max_batch_tokens, stats=stats,
+        output_column=output_column or knobs.output_column,
+        error_column=error_column if on_error == "record" else None, id_column=id_column, revision=revision,
+        runtime=runtime.merged(threads=resources.model_threads), params=task_params, stats=stats,
     )  # fmt: skip
     _check_columns(ds, spec)
-    resources = _resources(ray, num_gpus, concurrency, (preprocess_concurrency, postprocess_concurrency),
-                           rows_per_batch or pipe.default_rows_per_batch, model_threads)  # fmt: skip
-    return plan(ds, spec, dataclasses.replace(resources, concurrent_batches=pipe.concurrent_batches))
+    return plan(ds, spec, dataclasses.replace(resources, concurrent_batches=knobs.concurrent_batches))
 
 
 def plan(ds, spec: StageSpec, res: Resources):
@@ -339,7 +383,7 @@ def plan(ds, spec: StageSpec, res: Resources):
                udf_modifying_row_count=False)  # fmt: skip
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, compute=_tasks(res.preprocess_concurrency), **cpu)
     ds = ds.map_batches(
-        ModelStage, fn_constructor_kwargs={"spec": spec, "threads": res.model_threads},
+        ModelStage, fn_constructor_kwargs={"spec": spec},
         compute=ray.data.ActorPoolStrategy(min_size=res.concurrency[0], max_size=res.concurrency[1],
                                            max_concurrent_calls_per_actor=res.concurrent_batches,
                                            enable_true_multi_threading=res.concurrent_batches > 1),
@@ -379,7 +423,7 @@ def _check_columns(ds, spec: StageSpec) -> None:
 def _resources(ray, num_gpus, concurrency, cpu_concurrency, rows_per_batch, model_threads) -> Resources:
     cluster = ray.cluster_resources() if ray.is_initialized() else {}
     cpu_tasks = max(1, int(cluster.get("CPU", os.cpu_count() or 1) // 4))
-    pre, post = (cpu_tasks if n is None else _positive_int(name, n)
+    pre, post = (cpu_tasks if n is None else positive_int(name, n)
                  for name, n in zip(("preprocess_concurrency", "postprocess_concurrency"), cpu_concurrency))
     gpus = cluster.get("GPU", 0)
     if num_gpus is None:
@@ -399,10 +443,5 @@ def _resources(ray, num_gpus, concurrency, cpu_concurrency, rows_per_batch, mode
         model_threads = max(1, int(cpus / nodes / max(1, -(-high // nodes))))  # the node's CPUs / its actors
     return Resources(num_gpus=num_gpus, concurrency=(low, high), model_cpus=1.0 if num_gpus else 0.5,
                      model_threads=model_threads, preprocess_concurrency=pre, postprocess_concurrency=post,
-                     rows_per_batch=_positive_int("rows_per_batch", rows_per_batch))  # fmt: skip
+                     rows_per_batch=positive_int("rows_per_batch", rows_per_batch))  # fmt: skip
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value

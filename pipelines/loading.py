@@ -16,23 +16,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipelines.layers import Int8Linear
+from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}  # fmt: skip
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-QUANTIZATIONS = (None, "int8")
 # What a model folder may need: weights are chosen after listing (safetensors preferred over pickles).
 HUB_PATTERNS = [
     "*.json", "*.txt", "*.model", "*.safetensors", "*/config.json", "*/*.safetensors",
@@ -41,68 +34,6 @@ HUB_PATTERNS = [
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the module it is loaded into (missing, unexpected or mis-shaped keys)."""
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How a model is materialised, chosen once per pipeline: never read from inside model code."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    device_map: str | dict | None = None
-    max_memory: dict | None = None
-    offload_folder: str | None = None
-    quantization: str | None = None
-    allow_pickle: bool = False
-
-    @classmethod
-    def create(cls, *, device=None, dtype=None, device_map=None, max_memory=None, offload_folder=None,
-               quantization=None, allow_pickle=False, config: dict | None = None) -> "RuntimeConfig":  # fmt: skip
-        if device is not None and device_map is not None:
-            raise ValueError("pass either device or device_map, not both")
-        if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
-            raise ValueError(f"unknown device_map {device_map!r}; allowed: {DEVICE_MAPS} or a dict of module -> device")
-        if device_map is not None and not isinstance(device_map, (str, dict)):
-            raise TypeError(f"device_map must be a string or a dict, got {type(device_map).__name__}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; allowed: {QUANTIZATIONS}")
-        return cls(parse_device(device), parse_dtype(dtype, config), device_map, max_memory, offload_folder,
-                   quantization, allow_pickle)  # fmt: skip
-
-
-def parse_dtype(dtype, config: dict | None = None) -> torch.dtype:
-    """'float32' | 'float16' | 'bfloat16' (and short forms), a torch.dtype, 'auto' (config.json's), or None (float32)."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float32"
-        return parse_dtype(stored)
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(DTYPES)}, 'auto', or the torch dtypes")
-
-
-def parse_device(device) -> torch.device:
-    """None (cpu), 'cpu', 'cuda', 'cuda:N', 'mps', an int (-1 = cpu, N = cuda:N) or a torch.device."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
-        raise TypeError(f"device must be a string, an int or a torch.device, got {type(device).__name__}")
-    if isinstance(device, int):
-        device = "cpu" if device < 0 else f"cuda:{device}"
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {device!r}; allowed: 'cpu', 'cuda', 'cuda:N', 'mps' or an int") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA device; use 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device type {device.type!r}; allowed: cpu, cuda, mps")
-    return device
 
 
 # -- resolution -----------------------------------------------------------------------------------------
@@ -123,7 +54,7 @@ def resolve(model: str | Path, revision: str | None = None) -> Path:
         raise FileNotFoundError(
             f"model {name!r} (revision {revision or 'main'}) is not in the Hugging Face cache and could not be "
             f"downloaded ({type(e).__name__}). On an offline machine, import a local copy first: "
-            f"`python -m pipelines.cache import FOLDER {name}`"
+            f"`python -m pipelines.hub import FOLDER {name}`"
         ) from e
 
 
@@ -228,7 +159,9 @@ def build_model(cls: type[nn.Module], config: dict) -> nn.Module:
 
 
 def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, config: dict | None = None) -> nn.Module:
+    """`cls` built from `folder`'s config.json and weights, cast, quantized and placed as `runtime` says."""
     config = read_config(folder) if config is None else config
+    runtime = runtime.resolve(config)
     model = build_model(cls, config)
     load_weights(model, weight_files(folder, runtime.allow_pickle), runtime.dtype)
     model.eval()

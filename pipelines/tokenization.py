@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tokenizers
 
+from pipelines.processors.layout import Layout, Mask, Padded
+
 # tokenizer_config.json stores "no limit" as a huge integer (int(1e30)); anything above this means unset.
 _UNSET_MAX_LENGTH = 1_000_000
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -49,7 +51,8 @@ def _token_content(value) -> str | None:
 
 
 class Tokenizer:
-    """Encodes text and text pairs for a model; knows its special tokens and maximum length."""
+    """Encodes text and text pairs for a model; knows its special tokens and maximum length. The text processor
+    (pipelines/processors): token ids pad to the longest of a micro-batch, the attention mask marks the padding."""
 
     def __init__(
         self,
@@ -100,6 +103,21 @@ class Tokenizer:
             padding_side=config.get("padding_side", "right"),
             clean_up_spaces=clean_up,
         )
+
+    def layout(self, input_names) -> Layout:
+        """How these model inputs batch: input_ids padded with the pad token, other id lists with 0, the attention
+        mask made from the input_ids' lengths; padded on this tokenizer's side."""
+        rules = {"input_ids": Padded(self.pad_token_id), "attention_mask": Mask("input_ids")}
+        return Layout({name: rules.get(name, Padded(0)) for name in input_names}, length="input_ids",
+                      padding_side=self.padding_side)  # fmt: skip
+
+    def __getstate__(self) -> dict:  # picklable for Ray workers: the lock and the truncating copies stay behind
+        state = dict(self.__dict__)
+        state["_lock"], state["_truncating"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     # -- special tokens -------------------------------------------------------------------------
     def token_id(self, name: str) -> int | None:

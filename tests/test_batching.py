@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from pipelines.batching import ItemOutOfMemoryError, MicroBatcher, collate, plan_micro_batches
+from pipelines.batching import ItemOutOfMemoryError, MicroBatcher, plan_micro_batches
+from pipelines.processors import Layout, Mask, Padded
+
+TEXT = Layout({"input_ids": Padded(0), "attention_mask": Mask("input_ids")}, length="input_ids")
 
 
 def test_plan_sorts_by_length_and_respects_both_limits():
@@ -52,18 +55,6 @@ def test_plan_rejects_nonpositive_limits(bad):
         plan_micro_batches([1, 2], **bad)
 
 
-def test_collate_pads_right_and_left():
-    items = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1]}, {"input_ids": [8], "token_type_ids": [0]}]
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    right = collate(items, names, pad_id=1)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert right["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
-    left = collate(items, names, pad_id=1, padding_side="left")
-    assert left["input_ids"].tolist() == [[5, 6, 7], [1, 1, 8]]
-    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def _fake_forward(calls, oom_above=None):
     """Sum of ids per row and per-token ids+1; raises OOM when the padded batch exceeds `oom_above` tokens."""
 
@@ -85,7 +76,7 @@ def test_batcher_restores_order_and_cuts_token_outputs():
     """Outputs come back in input order; per-token outputs are cut to each item's own length."""
     lengths = [19, 20, 18, 20]
     calls = []
-    batcher = MicroBatcher(_fake_forward(calls), input_names=("input_ids", "attention_mask"), pad_id=0,
+    batcher = MicroBatcher(_fake_forward(calls), layout=TEXT,
                            token_outputs=("per_token",), batch_size=2)
     out = batcher.run(_items(lengths))
     assert [o["total"].item() for o in out] == [n * (n + 1) // 2 for n in lengths]
@@ -97,8 +88,7 @@ def test_batcher_splits_on_out_of_memory_and_recovers():
     """A micro-batch that runs out of memory is halved and retried; results equal the unsplit run."""
     lengths = [10, 10, 10, 10, 9, 9]
     calls = []
-    batcher = MicroBatcher(_fake_forward(calls, oom_above=16), input_names=("input_ids", "attention_mask"),
-                           pad_id=0, batch_size=8)
+    batcher = MicroBatcher(_fake_forward(calls, oom_above=16), layout=TEXT, batch_size=8)
     out = batcher.run(_items(lengths))
     assert [o["total"].item() for o in out] == [55, 55, 55, 55, 45, 45]
     assert calls[0] == (6, 10)  # tried whole, then halves until each fits
@@ -107,8 +97,7 @@ def test_batcher_splits_on_out_of_memory_and_recovers():
 
 def test_batcher_names_the_item_that_never_fits():
     """An item that runs out of memory alone raises ItemOutOfMemoryError naming it."""
-    batcher = MicroBatcher(_fake_forward([], oom_above=10), input_names=("input_ids", "attention_mask"),
-                           pad_id=0, batch_size=4)
+    batcher = MicroBatcher(_fake_forward([], oom_above=10), layout=TEXT, batch_size=4)
     with pytest.raises(ItemOutOfMemoryError, match=r"item 1 \(30 tokens\)") as e:
         batcher.run(_items([3, 30, 2]))
     assert e.value.item == 1

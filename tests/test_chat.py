@@ -7,7 +7,7 @@ import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.chat import (
+from pipelines.generation.chat import (
     ChatTemplate,
     chat_prompt,
     chat_reply,

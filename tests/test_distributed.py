@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import pipeline
-from pipelines.batching import simulate_oom
+from tests.faults import simulate_oom
 from pipelines.distributed import (
     STATS_COLUMNS,
     ModelStage,
@@ -17,7 +17,9 @@ from pipelines.distributed import (
     answer_type,
     postprocess_batch,
     preprocess_batch,
+    ray_task,
 )
+from pipelines.runtime import RuntimeConfig
 from tests.checkpoints import SENTENCES
 
 QA_MODEL = Path(__file__).resolve().parent / "data" / "qa_reference" / "bert"
@@ -25,12 +27,13 @@ QA_MODEL = Path(__file__).resolve().parent / "data" / "qa_reference" / "bert"
 
 def _spec(task, model, **kw):
     pipe = pipeline(task, model, load_weights=False)
-    defaults = dict(column="text", output_column=pipe.output_name, error_column="error", id_column="id")
+    defaults = dict(column="text", output_column=ray_task(pipe.task).output_column, error_column="error",
+                    id_column="id", runtime=RuntimeConfig(device="cpu"))
     return StageSpec(task=pipe.task, model=str(model), **{**defaults, **kw})
 
 
 def _run(spec, table, model_stage=None):
-    model_stage = model_stage or ModelStage(spec, device="cpu")
+    model_stage = model_stage or ModelStage(spec)
     return postprocess_batch(model_stage(preprocess_batch(table, spec)), spec)
 
 
@@ -129,7 +132,7 @@ def test_a_row_that_does_not_fit_in_memory_is_that_rows_error(checkpoint):
     """Out of memory on one long row, even alone: that row is recorded, the batch's other rows are answered."""
     path = checkpoint("bert", "sequence-classification")
     spec = _spec("text-classification", path)
-    stage = ModelStage(spec, device="cpu")
+    stage = ModelStage(spec)
     simulate_oom(stage.pipe.model, max_tokens=40)
     out = _run(spec, _table(["short text", "hello " * 60, "world"]), stage)
     assert out.column("error").to_pylist()[0] is None and out.column("error").to_pylist()[2] is None
@@ -140,7 +143,7 @@ def test_a_model_failure_on_one_row_spares_the_others(checkpoint, monkeypatch):
     """A batch that fails is rerun row by row; only the row that fails alone gets the error."""
     path = checkpoint("bert", "sequence-classification")
     spec = _spec("text-classification", path)
-    stage = ModelStage(spec, device="cpu")
+    stage = ModelStage(spec)
     poison = stage.pipe.preprocess("poison")["input_ids"]
     run_model = stage.pipe.run_model
 
@@ -158,7 +161,7 @@ def test_a_batch_where_every_row_fails_fails_as_a_whole(checkpoint, monkeypatch)
     """If every row fails even alone the device is broken, not the rows: raise, so Ray retries elsewhere."""
     path = checkpoint("bert", "sequence-classification")
     spec = _spec("text-classification", path)
-    stage = ModelStage(spec, device="cpu")
+    stage = ModelStage(spec)
     monkeypatch.setattr(stage.pipe, "run_model", lambda features, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error")))
     with pytest.raises(RuntimeError, match="every row of a batch of 2 failed"):
         stage(preprocess_batch(_table(["a", "b"]), spec))

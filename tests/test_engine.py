@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformers
 
-from pipelines import engine as engine_module
+from pipelines.generation import engine as engine_module
 from pipelines import layers
-from pipelines.engine import Engine, TokenEvent
+from pipelines.generation.engine import Engine, TokenEvent
 from pipelines.models import gpt2, llama
 from tests.checkpoints import PROMPTS, load_native, load_reference
 

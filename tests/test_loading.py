@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines import pipeline
-from pipelines.cache import import_folder
-from pipelines.loading import CheckpointError, RuntimeConfig, parse_device, parse_dtype
+from pipelines.hub import import_folder
+from pipelines.loading import CheckpointError
+from pipelines.runtime import RuntimeConfig, parse_device, parse_dtype
 from tests.checkpoints import SENTENCES, load_reference
 
 
@@ -116,7 +117,7 @@ def test_hub_id_through_the_offline_cache_with_revision(classifier, tmp_path):
     pipe = pipeline(model="tiny-org/tiny-classifier", revision="v1")
     assert pipe.model_path == snapshot
     assert pipeline(model="tiny-org/tiny-classifier", revision=snapshot.name).model_path == snapshot
-    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*python -m pipelines.cache import"):
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*python -m pipelines.hub import"):
         pipeline(model="tiny-org/does-not-exist")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipeline(model=str(tmp_path / "nowhere"))

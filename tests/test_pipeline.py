@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipelines import ChunkPipeline, Pipeline, pipeline, register_pipeline
-from pipelines.batching import ItemOutOfMemoryError, simulate_oom
+from pipelines.batching import ItemOutOfMemoryError
+from tests.faults import simulate_oom
 from pipelines.registry import TASKS
 from pipelines.tokenization import Tokenizer
 from tests.checkpoints import SENTENCES, load_native

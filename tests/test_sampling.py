@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from pipelines import sampling
-from pipelines.sampling import (
+from pipelines.generation import sampling
+from pipelines.generation.sampling import (
     PARAMETERS,
     GenerationParams,
     StopStrings,

@@ -10,7 +10,6 @@ class FeatureExtractionPipeline(Pipeline):
     shape with `return_tensors=True`. Inputs longer than the model's window are truncated."""
 
     task = "feature-extraction"
-    output_name = "features"  # the result column of a Ray Data job
     token_outputs = ("hidden_states",)
 
     def _sanitize_parameters(self, truncation=None, tokenize_kwargs=None, return_tensors=None, **unknown):

@@ -35,7 +35,6 @@ class FillMaskPipeline(Pipeline):
     """
 
     task = "fill-mask"
-    output_name = "fills"  # the result column of a Ray Data job
 
     def _sanitize_parameters(self, top_k=None, targets=None, tokenizer_kwargs=None, **unknown):
         if unknown:

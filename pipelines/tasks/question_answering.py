@@ -45,7 +45,6 @@ class QuestionAnsweringPipeline(ChunkPipeline):
     """
 
     task = "question-answering"
-    output_name = "answer"  # the result column of a Ray Data job
     token_outputs = ("logits",)
 
     def _sanitize_parameters(self, top_k=None, doc_stride=None, max_answer_len=None, max_seq_len=None,

@@ -108,7 +108,6 @@ class SentenceEmbeddingsPipeline(Pipeline):
     """
 
     task = "sentence-embeddings"
-    output_name = "embedding"  # the result column of a Ray Data job
 
     def __init__(self, model, tokenizer, *, model_path=None, pooling=None, normalize=None, **kwargs):
         folder = Path(model_path) if model_path is not None else None

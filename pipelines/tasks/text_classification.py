@@ -20,7 +20,6 @@ class TextClassificationPipeline(Pipeline):
     """
 
     task = "text-classification"
-    output_name = "classification"  # the result column of a Ray Data job
 
     def _sanitize_parameters(self, function_to_apply=None, top_k=_UNSET, truncation=None, max_length=None, **unknown):
         if unknown:

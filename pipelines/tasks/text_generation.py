@@ -5,7 +5,7 @@
     gen([{"role": "user", "content": "Hi"}])                      # [{"generated_text": [..., {"role": "assistant", ...}]}]
     for piece in gen.stream("Once upon a time", max_new_tokens=20): ...   # text as it is generated
 
-Parameters, with transformers' names and resolution (pipelines/sampling.py): max_new_tokens, max_length,
+Parameters, with transformers' names and resolution (pipelines/generation/sampling.py): max_new_tokens, max_length,
 min_new_tokens, min_length, do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size,
 num_return_sequences, eos_token_id, stop_strings (or stop_sequence), seed; the checkpoint's generation_config.json
 gives the defaults, then the pipeline's own (max_new_tokens=256, do_sample=True, temperature=0.7), as in
@@ -13,8 +13,8 @@ transformers. Outputs: `generated_text` (the prompt plus the new text, or the ne
 return_full_text=False; for a chat, the conversation with the assistant's answer), or `generated_token_ids` with
 return_tensors=True. With stop strings the text ends with the token that completed one, as in transformers.
 
-The model step runs on the continuous-batching engine (pipelines/engine.py) through one background loop per
-pipeline (pipelines/generation.py): every prompt of a call, and of concurrent calls from other threads, shares the
+The model step runs on the continuous-batching engine (pipelines/generation/engine.py) through one background loop per
+pipeline (pipelines/generation/loop.py): every prompt of a call, and of concurrent calls from other threads, shares the
 running batch, and each sequence leaves it as soon as it stops. Detokenisation happens in postprocess.
 """
 
@@ -24,9 +24,9 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from pipelines import chat
+from pipelines.generation import chat
 from pipelines.base import Features, Pipeline
-from pipelines.sampling import GenerationParams, StopStrings, checkpoint_defaults, sampler_state, select
+from pipelines.generation.sampling import GenerationParams, StopStrings, checkpoint_defaults, sampler_state, select
 
 _PRE = ("add_special_tokens", "continue_final_message", "chat_template", "prefix")
 _POST = ("return_full_text", "return_text", "return_tensors", "clean_up_tokenization_spaces")
@@ -34,18 +34,13 @@ _POST = ("return_full_text", "return_text", "return_tensors", "clean_up_tokeniza
 
 class TextGenerationPipeline(Pipeline):
     task = "text-generation"
-    output_name = "generated"
     model_input_names = ("input_ids",)
-    default_batch_size = 64  # sequences running at once in the engine
-    default_max_batch_tokens = {"cpu": 2048, "cuda": 8192, "mps": 4096}  # prompt tokens prefilled per step
-    default_rows_per_batch = 256  # rows per model call in a Ray job; an actor runs concurrent_batches at once,
-    concurrent_batches = 4  # all in one engine, so that it stays full while one call's last sequences finish
+    # batch_size: sequences running at once in the engine; max_batch_tokens: prompt tokens prefilled per step
+    budget_defaults = ("max_sequences", "prefill_tokens")
 
-    def __init__(self, model, tokenizer, *, config: dict | None = None, model_path=None, kv_cache_tokens=None,
-                 **params):  # fmt: skip
+    def __init__(self, model, tokenizer, *, config: dict | None = None, model_path=None, **params):
         self.generation_defaults = checkpoint_defaults(model_path) if model_path is not None else dict(config or {})
         self.templates = chat.ChatTemplate.from_pretrained(model_path) if model_path is not None else chat.ChatTemplate()
-        self.kv_cache_tokens = kv_cache_tokens
         super().__init__(model, tokenizer, config=config, model_path=model_path, **params)
         self._loop = None
         self._loop_lock = threading.Lock()
@@ -104,12 +99,12 @@ class TextGenerationPipeline(Pipeline):
                                "postprocess only")  # fmt: skip
         with self._loop_lock:
             if self._loop is None:
-                from pipelines.engine import Engine
-                from pipelines.generation import EngineLoop
+                from pipelines.generation.engine import Engine
+                from pipelines.generation.loop import EngineLoop
 
                 engine = Engine(self.model, select=select, max_sequences=self.batch_size,
-                                max_batch_tokens=self.max_batch_tokens or self.default_max_batch_tokens.get(self.device.type, 2048),
-                                kv_cache_tokens=self.kv_cache_tokens, max_length=self.max_length)  # fmt: skip
+                                max_batch_tokens=self.max_batch_tokens, kv_cache_tokens=self.runtime.kv_cache_tokens,
+                                max_length=self.max_length)  # fmt: skip
                 self._loop = EngineLoop(engine)
             return self._loop
 
@@ -128,7 +123,7 @@ class TextGenerationPipeline(Pipeline):
 
     def run_model(self, features, *, batch_size=None, max_batch_tokens=None, params=None) -> list[dict]:
         """The generated ids and finish reason of each sequence of each features dict, in order."""
-        params = self._params[1] if params is None else params
+        params = self.call_parameters().forward if params is None else params
         per_feature = self.requests(list(features), params)
         flat = [r for requests in per_feature for r in requests]
         results, outputs, start = self.loop.generate(flat), [], 0
@@ -168,12 +163,9 @@ class TextGenerationPipeline(Pipeline):
     def stream(self, item, **params) -> Iterator[str]:
         """The new text of one prompt (or chat) piece by piece as the engine generates it; the pieces join to the
         `generated_text` of return_full_text=False. One sequence (num_return_sequences=1)."""
-        from pipelines.generation import TextStream
+        from pipelines.generation.streaming import TextStream
 
-        pre, fwd, post = self._params
-        if params:
-            call = self._sanitize_parameters(**params)
-            pre, fwd, post = {**pre, **call[0]}, {**fwd, **call[1]}, {**post, **call[2]}
+        pre, fwd, _ = self.call_parameters(**params)
         (request,) = self.requests(self.preprocess_item(item, 0, pre), {**fwd, "num_return_sequences": 1})[0]
         events: queue.Queue = queue.Queue()
         seq_id = self.loop.submit(on_event=events.put, **request)

@@ -38,7 +38,6 @@ class TokenClassificationPipeline(ChunkPipeline):
     """
 
     task = "token-classification"
-    output_name = "entities"  # the result column of a Ray Data job
     token_outputs = ("scores",)
 
     def _sanitize_parameters(self, aggregation_strategy=None, ignore_labels=None, stride=None,
@@ -86,16 +85,6 @@ class TokenClassificationPipeline(ChunkPipeline):
 
     def _forward(self, inputs):
         return {"scores": torch.softmax(self.model(**inputs).float(), dim=-1)}  # (B, T, num_labels)
-
-    def arrow_type(self, params=None):
-        """A list of entity structs; the fields depend on the aggregation (a text with no entity gives [])."""
-        import pyarrow as pa
-
-        strategy = (self._params[2] if params is None else params).get("aggregation_strategy", "none")
-        label = [("entity", pa.string())] if strategy == "none" else [("entity_group", pa.string())]
-        index = [("index", pa.int64())] if strategy == "none" else []
-        fields = label + [("score", pa.float64())] + index + [("word", pa.string()), ("start", pa.int64()), ("end", pa.int64())]
-        return pa.list_(pa.struct(fields))
 
     def postprocess(self, chunks, aggregation_strategy="none", ignore_labels=None):
         ignore = ["O"] if ignore_labels is None else ignore_labels

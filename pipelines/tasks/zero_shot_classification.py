@@ -34,7 +34,6 @@ class ZeroShotClassificationPipeline(ChunkPipeline):
     """
 
     task = "zero-shot-classification"
-    output_name = "classification"  # the result column of a Ray Data job
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

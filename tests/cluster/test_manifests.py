@@ -151,7 +151,7 @@ def test_dashboard_is_not_exposed_publicly():
 def test_every_python_m_module_exists():
     """A `python -m X` naming a module that was renamed or never written fails on every node at setup or submit."""
     modules = {m for path in TEXT_FILES for text in _strings(path) for m in PYTHON_M.findall(text)}
-    assert {"jobs.infer", "pipelines.cache", "cluster.local"} <= modules, f"scan found only {sorted(modules)}"
+    assert {"jobs.infer", "pipelines.hub", "cluster.local"} <= modules, f"scan found only {sorted(modules)}"
     for module in sorted(modules):
         if module.split(".")[0] in REPO_PACKAGES:
             base = REPO / module.replace(".", "/")
@@ -206,7 +206,7 @@ def test_runtime_env_upload_leaves_out_venv_git_and_outputs():
         include_gitignore=False,
     )
     relative = [p.relative_to(REPO).as_posix() for p in files]
-    assert "jobs/infer.py" in relative and "pipelines/cache.py" in relative
+    assert "jobs/infer.py" in relative and "pipelines/hub.py" in relative
     for prefix in (".venv/", ".git/", "out/", "tests/data/"):
         assert not [r for r in relative if r.startswith(prefix)], f"{prefix} would be uploaded"
     assert not [r for r in relative if "__pycache__" in r]

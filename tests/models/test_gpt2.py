@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from pipelines import registry
-from pipelines.loading import RuntimeConfig, load_model
+from pipelines.loading import load_model
+from pipelines.runtime import RuntimeConfig
 from pipelines.models import gpt2
 from tests.checkpoints import PROMPTS, SENTENCES, cached_logits, load_native, load_reference
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from pipelines import layers, registry
-from pipelines.loading import CheckpointError, RuntimeConfig, load_model
+from pipelines.loading import CheckpointError, load_model
+from pipelines.runtime import RuntimeConfig
 from pipelines.models import llama
 from tests.checkpoints import CHAT, PROMPTS, SENTENCES, cached_logits, load_native, load_reference
 

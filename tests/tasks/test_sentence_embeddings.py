@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
 from pipelines import pipeline
-from pipelines.cache import DEFAULT_MODEL, import_folder
+from pipelines.hub import DEFAULT_MODEL, import_folder
 from tests.checkpoints import SENTENCES
 
 LONG = " ".join(["A long text about trains, rivers and old libraries."] * 60)  # ~600 tokens, over 256

