@@ -22,8 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-INPUT_FORMATS = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv",),
-                 "text": (".txt", ".text")}  # fmt: skip
+INPUT_FORMATS = {
+    "parquet": (".parquet",),
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "csv": (".csv",),
+    "text": (".txt", ".text"),
+}
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
 READ_CPUS = 0.25  # read tasks share 2-core machines with the model actor, as the CPU stages do
@@ -49,7 +53,9 @@ def input_format(paths: list[str], given: str | None) -> str:
         if given not in INPUT_FORMATS:
             raise SystemExit(f"unknown --input-format {given!r}; allowed: {sorted(INPUT_FORMATS)}")
         return given
-    files = [p for p in paths if not os.path.isdir(p)] or [str(f) for p in paths for f in Path(p).rglob("*") if f.is_file()]
+    files = [p for p in paths if not os.path.isdir(p)] or [
+        str(f) for p in paths for f in Path(p).rglob("*") if f.is_file()
+    ]
     for name, extensions in INPUT_FORMATS.items():
         if files and all(f.endswith(extensions) for f in files):
             return name
@@ -60,8 +66,12 @@ def read(paths: list[str], fmt: str):
     """A streaming Ray Dataset over the input files."""
     import ray.data
 
-    readers = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv,
-               "text": ray.data.read_text}  # fmt: skip
+    readers = {
+        "parquet": ray.data.read_parquet,
+        "jsonl": ray.data.read_json,
+        "csv": ray.data.read_csv,
+        "text": ray.data.read_text,
+    }
     extra = {"lines": True} if fmt == "jsonl" else {}
     return readers[fmt](paths, num_cpus=READ_CPUS, **extra)
 

@@ -36,11 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="the output folder (local or a remote URI)")
     p.add_argument("--input-format", choices=sorted(files.INPUT_FORMATS), help="default: from the extensions")
     p.add_argument("--output-format", choices=files.OUTPUT_FORMATS, default="parquet")
-    p.add_argument("--column", default="text", help="the input column, or key=column,... for dict inputs "
-                   "(question=q,context=c)")  # fmt: skip
+    p.add_argument(
+        "--column", default="text", help="the input column, or key=column,... for dict inputs (question=q,context=c)"
+    )
     p.add_argument("--id-column", help="names rows in errors and keys --resume (default: 'id' if the input has it)")
     p.add_argument("--output-column", help="default: the task's (embedding, classification, entities, answer, ...)")
-    p.add_argument("--params", default="{}", help='the task\'s parameters as a JSON object, e.g. \'{"top_k": 3}\'')
+    p.add_argument("--params", default="{}", help="the task's parameters as a JSON object, e.g. '{\"top_k\": 3}'")
     p.add_argument("--errors", help="record failing rows in this folder and go on (default: fail on the first)")
     p.add_argument("--resume", action="store_true", help="skip the rows a killed run already wrote")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
@@ -63,9 +64,15 @@ def _runtime(args: argparse.Namespace):
     from pipelines.runtime import RuntimeConfig
 
     try:
-        return RuntimeConfig.create(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
-                                    threads=args.threads, batch_size=args.batch_size,
-                                    max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens)
+        return RuntimeConfig.create(
+            dtype=args.dtype,
+            device_map=args.device_map,
+            quantization=args.quantization,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            kv_cache_tokens=args.kv_cache_tokens,
+        )
     except (TypeError, ValueError) as e:
         raise SystemExit(f"jobs.infer: {e}") from None
 
@@ -115,8 +122,7 @@ def write_batch(table: pa.Table, output: str, errors: str | None, fmt: str, erro
         files.write_part(good, output, fmt)
     if bad.num_rows:
         files.write_part(bad, errors, fmt)
-    stats = {"rows": [table.num_rows], "errors": [bad.num_rows],
-             "tokens": [pc.sum(table.column(TOKENS)).as_py() or 0]}  # fmt: skip
+    stats = {"rows": [table.num_rows], "errors": [bad.num_rows], "tokens": [pc.sum(table.column(TOKENS)).as_py() or 0]}
     for stage, name in STAGE_TIME.items():
         stats[f"{stage}_s"] = [pc.sum(table.column(name)).as_py() or 0.0]
     for stage, name in STAGE_WORKER.items():
@@ -138,8 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             raise SystemExit(f"jobs.infer: {e}") from None
     if files.part_files(output) and not args.resume:
-        raise SystemExit(f"--output {output} already holds results: pass --resume to continue that job, "
-                         "or choose an empty folder")  # fmt: skip
+        raise SystemExit(
+            f"--output {output} already holds results: pass --resume to continue that job, or choose an empty folder"
+        )
 
     import ray
 
@@ -159,31 +166,49 @@ def main(argv: list[str] | None = None) -> dict:
     skipped = 0
     if args.resume:
         if id_column is None:
-            raise SystemExit(f"--resume needs an id column to know which rows are done; pass --id-column (columns: {names})")
+            raise SystemExit(
+                f"--resume needs an id column to know which rows are done; pass --id-column (columns: {names})"
+            )
         done = files.completed_ids([output] + ([errors] if errors else []), id_column)
         skipped = len(done)
-        ds = ds.map_batches(files.drop_done, fn_kwargs={"id_column": id_column, "done": ray.put(done)},
-                            batch_format="pyarrow", num_cpus=files.READ_CPUS)  # fmt: skip
+        ds = ds.map_batches(
+            files.drop_done,
+            fn_kwargs={"id_column": id_column, "done": ray.put(done)},
+            batch_format="pyarrow",
+            num_cpus=files.READ_CPUS,
+        )
 
     start = time.perf_counter()
     try:
         result = run_pipeline(
-            ds, args.task, model=args.model, column=column, output_column=args.output_column,
-            runtime=runtime, num_gpus=args.num_gpus,
-            concurrency=concurrency, preprocess_concurrency=args.preprocess_concurrency,
+            ds,
+            args.task,
+            model=args.model,
+            column=column,
+            output_column=args.output_column,
+            runtime=runtime,
+            num_gpus=args.num_gpus,
+            concurrency=concurrency,
+            preprocess_concurrency=args.preprocess_concurrency,
             postprocess_concurrency=args.postprocess_concurrency,
-            on_error="record" if errors else "raise", id_column=id_column,
-            rows_per_batch=args.rows_per_batch, stats=True, **params,
-        )  # fmt: skip
+            on_error="record" if errors else "raise",
+            id_column=id_column,
+            rows_per_batch=args.rows_per_batch,
+            stats=True,
+            **params,
+        )
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise SystemExit(f"jobs.infer: {e}") from None
     error_column = "error" if errors else None
-    written = result.map_batches(write_batch, fn_kwargs=dict(output=output, errors=errors, fmt=args.output_format,
-                                                             error_column=error_column),
-                                 batch_format="pyarrow", num_cpus=files.READ_CPUS)  # fmt: skip
+    written = result.map_batches(
+        write_batch,
+        fn_kwargs=dict(output=output, errors=errors, fmt=args.output_format, error_column=error_column),
+        batch_format="pyarrow",
+        num_cpus=files.READ_CPUS,
+    )
     try:
         totals = _drain(written, start)
-    except Exception as e:  # noqa: BLE001 - a failed row is reported by name, anything else as it is
+    except Exception as e:
         reason = _row_error(e)
         if reason is None:
             raise
@@ -212,8 +237,11 @@ def _drain(written, start: float) -> dict:
         now = time.perf_counter()
         if now - last >= PROGRESS_EVERY_S:
             last = now
-            print(f"[jobs.infer] {int(totals['rows']):,} rows done ({int(totals['errors'])} errors), "
-                  f"{totals['rows'] / (now - start):,.1f} rows/s", flush=True)  # fmt: skip
+            print(
+                f"[jobs.infer] {int(totals['rows']):,} rows done ({int(totals['errors'])} errors), "
+                f"{totals['rows'] / (now - start):,.1f} rows/s",
+                flush=True,
+            )
     totals["workers"] = {k: sorted(v) for k, v in workers.items()}
     return totals
 
@@ -236,14 +264,24 @@ def _summary(args, totals: dict, skipped: int, wall: float, fmt: str) -> dict:
     workers = totals.get("workers", {})
     nodes = sorted({w.split("/")[0] for ws in workers.values() for w in ws})
     return {
-        "task": args.task, "model": args.model, "input": args.input, "input_format": fmt, "output": args.output,
-        "errors_output": args.errors, "rows_in": rows, "rows_out": rows - errors, "error_rows": errors,
-        "rows_skipped_resume": skipped, "wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1) if wall else None,
-        "tokens": int(totals.get("tokens", 0)), "tokens_per_s": round(totals.get("tokens", 0) / wall) if wall else None,
+        "task": args.task,
+        "model": args.model,
+        "input": args.input,
+        "input_format": fmt,
+        "output": args.output,
+        "errors_output": args.errors,
+        "rows_in": rows,
+        "rows_out": rows - errors,
+        "error_rows": errors,
+        "rows_skipped_resume": skipped,
+        "wall_s": round(wall, 2),
+        "rows_per_s": round(rows / wall, 1) if wall else None,
+        "tokens": int(totals.get("tokens", 0)),
+        "tokens_per_s": round(totals.get("tokens", 0) / wall) if wall else None,
         "stage_busy_s": {stage: round(totals.get(f"{stage}_s", 0.0), 2) for stage in STAGE_TIME},
         "workers": {stage: len(workers.get(f"{stage}_workers", [])) for stage in STAGE_WORKER},
         "nodes": nodes,
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

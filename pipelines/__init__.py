@@ -1,11 +1,11 @@
 """Hugging Face-style pipelines on native PyTorch models, for in-process calls, Ray Data jobs and Ray Serve.
 
-    from pipelines import pipeline
-    emb = pipeline("sentence-embeddings")
-    emb(["a sentence", "another one"])
+from pipelines import pipeline
+emb = pipeline("sentence-embeddings")
+emb(["a sentence", "another one"])
 
-    from pipelines import run_pipeline            # the same pipelines over a Ray Dataset
-    run_pipeline(ray.data.read_parquet(...), "sentence-embeddings").write_parquet(...)
+from pipelines import run_pipeline            # the same pipelines over a Ray Dataset
+run_pipeline(ray.data.read_parquet(...), "sentence-embeddings").write_parquet(...)
 """
 
 from pipelines.base import ChunkPipeline, Pipeline

@@ -50,8 +50,17 @@ class Pipeline(nn.Module):
     # runtime leaves them unset.
     budget_defaults = ("batch_size", "max_batch_tokens")
 
-    def __init__(self, model: nn.Module | None, processor, *, config: dict | None = None, model_path=None,
-                 runtime: RuntimeConfig | None = None, max_length: int | None = None, **params):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module | None,
+        processor,
+        *,
+        config: dict | None = None,
+        model_path=None,
+        runtime: RuntimeConfig | None = None,
+        max_length: int | None = None,
+        **params,
+    ):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -105,7 +114,9 @@ class Pipeline(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
         """One padded micro-batch through the model: inputs moved to the model's device, no autograd."""
         if self.model is None:
-            raise RuntimeError(f"this {type(self).__name__} was built without weights: it can preprocess and postprocess only")
+            raise RuntimeError(
+                f"this {type(self).__name__} was built without weights: it can preprocess and postprocess only"
+            )
         device = self.device
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         with torch.inference_mode():
@@ -126,17 +137,27 @@ class Pipeline(nn.Module):
     def _parts(self, item, params: dict) -> list[Features]:
         return [self.preprocess(item, **params)]
 
-    def run_model(self, features: Sequence[Features], *, batch_size: int | None = None,
-                  max_batch_tokens: int | None = None, params: dict | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    def run_model(
+        self,
+        features: Sequence[Features],
+        *,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        params: dict | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
         """Model outputs for each features dict, in order, on CPU: length-sorted token-budget micro-batches."""
         params = self._defaults.forward if params is None else params
 
         def forward(batch):
             return {k: v.detach().cpu() for k, v in self.forward(batch, **params).items()}
 
-        batcher = MicroBatcher(forward, layout=self.layout, token_outputs=self.token_outputs,
-                               batch_size=batch_size or self.batch_size,
-                               max_batch_tokens=max_batch_tokens or self.max_batch_tokens)  # fmt: skip
+        batcher = MicroBatcher(
+            forward,
+            layout=self.layout,
+            token_outputs=self.token_outputs,
+            batch_size=batch_size or self.batch_size,
+            max_batch_tokens=max_batch_tokens or self.max_batch_tokens,
+        )
         return batcher.run(features)
 
     def feature_length(self, features: Features) -> int:
@@ -156,15 +177,29 @@ class Pipeline(nn.Module):
         kwargs.setdefault("max_length", self.max_length)
         encoding = self.tokenizer.encode(text, pair, **kwargs)
         if not isinstance(encoding, list) and self.max_length is not None and len(encoding) > self.max_length:
-            raise ValueError(f"the input has {len(encoding)} tokens, more than the model's maximum of "
-                             f"{self.max_length}; leave truncation on to cut it")  # fmt: skip
+            raise ValueError(
+                f"the input has {len(encoding)} tokens, more than the model's maximum of "
+                f"{self.max_length}; leave truncation on to cut it"
+            )
         return encoding
 
     # -- calling ---------------------------------------------------------------------------------------------
-    def __call__(self, inputs, *, batch_size: int | None = None, max_batch_tokens: int | None = None,
-                 progress: bool = False, **params):  # fmt: skip
+    def __call__(
+        self,
+        inputs,
+        *,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        progress: bool = False,
+        **params,
+    ):
         batch_size = positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
-        run = dict(params=self.call_parameters(**params), batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress)
+        run = dict(
+            params=self.call_parameters(**params),
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            progress=progress,
+        )
         if self._is_single(inputs):
             return next(self._stream([inputs], **run))
         if isinstance(inputs, (list, tuple)):
@@ -216,4 +251,3 @@ class ChunkPipeline(Pipeline):
 
     def postprocess_item(self, parts: list[Features], params: dict | None = None) -> Any:
         return self.postprocess(parts, **(self._defaults.postprocess if params is None else params))
-

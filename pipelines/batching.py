@@ -81,8 +81,15 @@ class MicroBatcher:
     each item's own length, so that results never depend on what an item was batched with.
     """
 
-    def __init__(self, forward: Callable[[Outputs], Outputs], *, layout: Layout, token_outputs: Sequence[str] = (),
-                 batch_size: int = 32, max_batch_tokens: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        forward: Callable[[Outputs], Outputs],
+        *,
+        layout: Layout,
+        token_outputs: Sequence[str] = (),
+        batch_size: int = 32,
+        max_batch_tokens: int | None = None,
+    ):
         self.forward = forward
         self.layout = layout
         self.token_outputs = frozenset(token_outputs)
@@ -106,14 +113,21 @@ class MicroBatcher:
             if len(indices) == 1:
                 raise ItemOutOfMemoryError(indices[0], lengths[indices[0]]) from None
             half = len(indices) // 2
-            logger.warning("out of memory on a micro-batch of %d items; retrying as %d + %d", len(indices), half, len(indices) - half)
+            logger.warning(
+                "out of memory on a micro-batch of %d items; retrying as %d + %d",
+                len(indices),
+                half,
+                len(indices) - half,
+            )
             self._run(items, lengths, indices[:half], results)
             self._run(items, lengths, indices[half:], results)
             return
         padded = self.layout.padded_length(batch)
         for row, i in enumerate(indices):
-            results[i] = {k: self.layout.cut(v[row], lengths[i], padded) if k in self.token_outputs else v[row]
-                          for k, v in outputs.items()}  # fmt: skip
+            results[i] = {
+                k: self.layout.cut(v[row], lengths[i], padded) if k in self.token_outputs else v[row]
+                for k, v in outputs.items()
+            }
 
 
 def _free_device_memory() -> None:

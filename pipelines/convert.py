@@ -8,13 +8,17 @@ import torch
 
 def outputs_to_numpy(outputs: dict) -> dict:
     """Model outputs as numpy arrays (cheap to pickle; bfloat16, which numpy lacks, widened to float32)."""
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() if isinstance(v, torch.Tensor) else v
-            for k, v in outputs.items()}  # fmt: skip
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() if isinstance(v, torch.Tensor) else v
+        for k, v in outputs.items()
+    }
 
 
 def outputs_to_torch(outputs: dict) -> dict:
-    return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v
-            for k, v in outputs.items()}  # fmt: skip
+    return {
+        k: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v
+        for k, v in outputs.items()
+    }
 
 
 def to_plain(value):

@@ -18,17 +18,18 @@ The stage functions are plain callables on a `pyarrow.Table`, usable without Ray
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
 import time
-import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import torch
+
 from pipelines.batching import ItemOutOfMemoryError
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 from pipelines.runtime import RuntimeConfig, positive_int
@@ -319,14 +320,31 @@ class Resources:
     cpu_rows_per_batch: int = 256  # rows per preprocess / postprocess task
 
 
-RESOURCE_OPTIONS = ("num_gpus", "concurrency", "preprocess_concurrency", "postprocess_concurrency", "rows_per_batch",
-                    "model_threads")  # fmt: skip
+RESOURCE_OPTIONS = (
+    "num_gpus",
+    "concurrency",
+    "preprocess_concurrency",
+    "postprocess_concurrency",
+    "rows_per_batch",
+    "model_threads",
+)
 
 
-def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[str, str] = "text",
-                 output_column: str | None = None, id_column: str | None = None, on_error: str = "raise",
-                 error_column: str = "error", revision: str | None = None, runtime: RuntimeConfig | None = None,
-                 stats: bool = False, **options):  # fmt: skip
+def run_pipeline(
+    ds,
+    task: str | None = None,
+    *,
+    model=None,
+    column: str | dict[str, str] = "text",
+    output_column: str | None = None,
+    id_column: str | None = None,
+    on_error: str = "raise",
+    error_column: str = "error",
+    revision: str | None = None,
+    runtime: RuntimeConfig | None = None,
+    stats: bool = False,
+    **options,
+):
     """Append the task's answer to every row of the Ray Dataset `ds` (lazy; rows 1:1, order not kept).
 
     column: the input column, or {input key: column} for dict inputs ({"question": "q", "context": "c"}).
@@ -361,16 +379,26 @@ def run_pipeline(ds, task: str | None = None, *, model=None, column: str | dict[
     runtime = (runtime or RuntimeConfig()).merged(**runtime_options)
     pipe = _validated(task, model, revision, task_params)  # fails here, on the driver, not in a worker
     knobs = ray_task(pipe.task)
-    resources = _resources(ray, given.get("num_gpus"), given.get("concurrency"),
-                           (given.get("preprocess_concurrency"), given.get("postprocess_concurrency")),
-                           given.get("rows_per_batch") or knobs.rows_per_batch,
-                           runtime.threads or given.get("model_threads"))  # fmt: skip
+    resources = _resources(
+        ray,
+        given.get("num_gpus"),
+        given.get("concurrency"),
+        (given.get("preprocess_concurrency"), given.get("postprocess_concurrency")),
+        given.get("rows_per_batch") or knobs.rows_per_batch,
+        runtime.threads or given.get("model_threads"),
+    )
     spec = StageSpec(
-        task=pipe.task, model=str(model if model is not None else registry.TASKS[pipe.task].default), column=column,
+        task=pipe.task,
+        model=str(model if model is not None else registry.TASKS[pipe.task].default),
+        column=column,
         output_column=output_column or knobs.output_column,
-        error_column=error_column if on_error == "record" else None, id_column=id_column, revision=revision,
-        runtime=runtime.merged(threads=resources.model_threads), params=task_params, stats=stats,
-    )  # fmt: skip
+        error_column=error_column if on_error == "record" else None,
+        id_column=id_column,
+        revision=revision,
+        runtime=runtime.merged(threads=resources.model_threads),
+        params=task_params,
+        stats=stats,
+    )
     _check_columns(ds, spec)
     return plan(ds, spec, dataclasses.replace(resources, concurrent_batches=knobs.concurrent_batches))
 
@@ -379,18 +407,31 @@ def plan(ds, spec: StageSpec, res: Resources):
     """The three stages on `ds`; separate operators (different resources), streaming."""
     import ray.data
 
-    cpu = dict(batch_format="pyarrow", batch_size=res.cpu_rows_per_batch, num_cpus=res.cpu_stage_cpus,
-               udf_modifying_row_count=False)  # fmt: skip
+    cpu = dict(
+        batch_format="pyarrow",
+        batch_size=res.cpu_rows_per_batch,
+        num_cpus=res.cpu_stage_cpus,
+        udf_modifying_row_count=False,
+    )
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, compute=_tasks(res.preprocess_concurrency), **cpu)
     ds = ds.map_batches(
-        ModelStage, fn_constructor_kwargs={"spec": spec},
-        compute=ray.data.ActorPoolStrategy(min_size=res.concurrency[0], max_size=res.concurrency[1],
-                                           max_concurrent_calls_per_actor=res.concurrent_batches,
-                                           enable_true_multi_threading=res.concurrent_batches > 1),
-        batch_format="pyarrow", batch_size=res.rows_per_batch, num_cpus=res.model_cpus, num_gpus=res.num_gpus,
+        ModelStage,
+        fn_constructor_kwargs={"spec": spec},
+        compute=ray.data.ActorPoolStrategy(
+            min_size=res.concurrency[0],
+            max_size=res.concurrency[1],
+            max_concurrent_calls_per_actor=res.concurrent_batches,
+            enable_true_multi_threading=res.concurrent_batches > 1,
+        ),
+        batch_format="pyarrow",
+        batch_size=res.rows_per_batch,
+        num_cpus=res.model_cpus,
+        num_gpus=res.num_gpus,
         udf_modifying_row_count=False,
-    )  # fmt: skip
-    return ds.map_batches(postprocess_batch, fn_kwargs={"spec": spec}, compute=_tasks(res.postprocess_concurrency), **cpu)
+    )
+    return ds.map_batches(
+        postprocess_batch, fn_kwargs={"spec": spec}, compute=_tasks(res.postprocess_concurrency), **cpu
+    )
 
 
 def _tasks(size: int | None):
@@ -417,14 +458,18 @@ def _check_columns(ds, spec: StageSpec) -> None:
             raise KeyError(f"the dataset has no column {name!r}; its columns: {names}")
     for name in (spec.output_column, spec.error_column):
         if name is not None and name in names:
-            raise ValueError(f"the output column {name!r} is already an input column; pass output_column= / error_column=")
+            raise ValueError(
+                f"the output column {name!r} is already an input column; pass output_column= / error_column="
+            )
 
 
 def _resources(ray, num_gpus, concurrency, cpu_concurrency, rows_per_batch, model_threads) -> Resources:
     cluster = ray.cluster_resources() if ray.is_initialized() else {}
     cpu_tasks = max(1, int(cluster.get("CPU", os.cpu_count() or 1) // 4))
-    pre, post = (cpu_tasks if n is None else positive_int(name, n)
-                 for name, n in zip(("preprocess_concurrency", "postprocess_concurrency"), cpu_concurrency))
+    pre, post = (
+        cpu_tasks if n is None else positive_int(name, n)
+        for name, n in zip(("preprocess_concurrency", "postprocess_concurrency"), cpu_concurrency)
+    )
     gpus = cluster.get("GPU", 0)
     if num_gpus is None:
         num_gpus = 1.0 if gpus else 0.0
@@ -441,7 +486,12 @@ def _resources(ray, num_gpus, concurrency, cpu_concurrency, rows_per_batch, mode
         nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive"))) if ray.is_initialized() else 1
         cpus = cluster.get("CPU", os.cpu_count() or 1)
         model_threads = max(1, int(cpus / nodes / max(1, -(-high // nodes))))  # the node's CPUs / its actors
-    return Resources(num_gpus=num_gpus, concurrency=(low, high), model_cpus=1.0 if num_gpus else 0.5,
-                     model_threads=model_threads, preprocess_concurrency=pre, postprocess_concurrency=post,
-                     rows_per_batch=positive_int("rows_per_batch", rows_per_batch))  # fmt: skip
-
+    return Resources(
+        num_gpus=num_gpus,
+        concurrency=(low, high),
+        model_cpus=1.0 if num_gpus else 0.5,
+        model_threads=model_threads,
+        preprocess_concurrency=pre,
+        postprocess_concurrency=post,
+        rows_per_batch=positive_int("rows_per_batch", rows_per_batch),
+    )

@@ -23,9 +23,18 @@ def split_runtime_options(options: dict) -> tuple[dict, dict]:
     return runtime, {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
 
 
-def pipeline(task: str | None = None, model=None, *, tokenizer=None, revision: str | None = None,
-             runtime: RuntimeConfig | None = None, pipeline_class: type | None = None, load_weights: bool = True,
-             config: dict | None = None, **options) -> Pipeline:  # fmt: skip
+def pipeline(
+    task: str | None = None,
+    model=None,
+    *,
+    tokenizer=None,
+    revision: str | None = None,
+    runtime: RuntimeConfig | None = None,
+    pipeline_class: type | None = None,
+    load_weights: bool = True,
+    config: dict | None = None,
+    **options,
+) -> Pipeline:
     """Build the pipeline for `task` (or the task `model`'s config.json implies) on `model` (or the task's default).
 
     model: a Hub id (through the huggingface_hub cache), a local folder, or an nn.Module with `tokenizer=`
@@ -56,15 +65,18 @@ def pipeline(task: str | None = None, model=None, *, tokenizer=None, revision: s
     spec = registry.TASKS[task]
     cls = pipeline_class or spec.resolve_class()
     runtime = runtime.resolve(hf_config)
-    processor = _processor(tokenizer, revision, cls) if tokenizer is not None else load_processor(cls.processor_kind, folder)
+    processor = (
+        _processor(tokenizer, revision, cls) if tokenizer is not None else load_processor(cls.processor_kind, folder)
+    )
     module, max_length = None, processor.model_max_length
     if spec.model_classes is not None:
         model_cls = registry.model_class(task, hf_config)
         max_length = _min(max_length, model_cls.config_class.from_hf(hf_config).max_input_length)
         if load_weights:
             module = load_model(folder, model_cls, runtime, hf_config)
-    return cls(module, processor, config=hf_config, model_path=folder, runtime=runtime, max_length=max_length,
-               **task_params)  # fmt: skip
+    return cls(
+        module, processor, config=hf_config, model_path=folder, runtime=runtime, max_length=max_length, **task_params
+    )
 
 
 def _from_module(task, model, tokenizer, pipeline_class, config, runtime: RuntimeConfig, task_params) -> Pipeline:
@@ -77,8 +89,14 @@ def _from_module(task, model, tokenizer, pipeline_class, config, runtime: Runtim
     cls = pipeline_class or registry.TASKS[task].resolve_class()
     processor = _processor(tokenizer, None, cls)
     limit = getattr(getattr(model, "config", None), "max_input_length", None)
-    return cls(model, processor, config=config, runtime=runtime, max_length=_min(processor.model_max_length, limit),
-               **task_params)  # fmt: skip
+    return cls(
+        model,
+        processor,
+        config=config,
+        runtime=runtime,
+        max_length=_min(processor.model_max_length, limit),
+        **task_params,
+    )
 
 
 def _processor(given, revision, cls):

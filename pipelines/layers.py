@@ -95,11 +95,13 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, linear.weight.device)
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, linear.weight.device
+        )
         layer.weight.copy_(q)
         layer.scales.copy_(scales.to(linear.weight.dtype))
         if linear.bias is not None:
@@ -138,8 +140,9 @@ def rope_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
 
-def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
-                    original_max_positions: int) -> torch.Tensor:  # fmt: skip
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_positions: int
+) -> torch.Tensor:
     """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, the band between smoothed."""
     low_freq_wavelen = original_max_positions / low_freq_factor
     high_freq_wavelen = original_max_positions / high_freq_factor
@@ -224,8 +227,17 @@ class KVCache:
     the tokens they are given at the positions they are given.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, slots: int, capacity: int,
-                 device: torch.device, dtype: torch.dtype):  # fmt: skip
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        slots: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.shape = (n_layers, slots, n_kv_heads, capacity, head_dim)
         self.k = torch.zeros(self.shape, dtype=dtype, device=device)
         self.v = torch.zeros(self.shape, dtype=dtype, device=device)
@@ -316,8 +328,9 @@ def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: in
     return torch.zeros(allowed.shape, dtype=dtype, device=q.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:  # fmt: skip
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """q (B, nh, T, hs) over k, v (B, nkv, S, hs) with nh a multiple of nkv (grouped-query), mask from
     `causal_mask` -> (B, T, nh * hs). Keys and values may be strided views of the KV cache."""
     B, nh, T, hs = q.shape
@@ -341,8 +354,14 @@ class DecoderStep:
     cache: KVRows | None
 
 
-def decoder_step(input_ids: torch.Tensor, positions: torch.Tensor | None, lengths: torch.Tensor | None,
-                 cache: KVRows | None, windows, dtype: torch.dtype) -> DecoderStep:  # fmt: skip
+def decoder_step(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    cache: KVRows | None,
+    windows,
+    dtype: torch.dtype,
+) -> DecoderStep:
     """The shared inputs of a decoder forward pass. positions default to 0..T-1 and lengths to T for every row."""
     B, T = input_ids.shape
     device = input_ids.device
@@ -351,8 +370,10 @@ def decoder_step(input_ids: torch.Tensor, positions: torch.Tensor | None, length
     if lengths is None:
         lengths = torch.full((B,), T, device=device)
     if positions.shape != input_ids.shape or lengths.shape != (B,):
-        raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}, "
-                         f"lengths {tuple(lengths.shape)} must be ({B},)")  # fmt: skip
+        raise ValueError(
+            f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}, "
+            f"lengths {tuple(lengths.shape)} must be ({B},)"
+        )
     seq_lengths = positions.gather(1, (lengths - 1)[:, None])[:, 0] + 1  # (B,)
     k_positions = positions if cache is None else cache.key_positions(positions)
     masks = {w: causal_mask(positions, k_positions, w, dtype) for w in set(windows)}

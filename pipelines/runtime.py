@@ -48,13 +48,16 @@ class DeviceDefaults:
 # without a budget (BENCHMARKS.md); accelerators want bigger batches. A Serve model call gathers more tokens than one
 # micro-batch holds: the pipeline cuts it into length-sorted micro-batches, so requests of mixed lengths pad little.
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
-    "cpu": DeviceDefaults(batch_size=128, max_batch_tokens=2048, max_sequences=64, prefill_tokens=2048,
-                          request_batch_tokens=4096),
-    "cuda": DeviceDefaults(batch_size=128, max_batch_tokens=16384, max_sequences=64, prefill_tokens=8192,
-                           request_batch_tokens=16384),
-    "mps": DeviceDefaults(batch_size=128, max_batch_tokens=8192, max_sequences=64, prefill_tokens=4096,
-                          request_batch_tokens=8192),
-}  # fmt: skip
+    "cpu": DeviceDefaults(
+        batch_size=128, max_batch_tokens=2048, max_sequences=64, prefill_tokens=2048, request_batch_tokens=4096
+    ),
+    "cuda": DeviceDefaults(
+        batch_size=128, max_batch_tokens=16384, max_sequences=64, prefill_tokens=8192, request_batch_tokens=16384
+    ),
+    "mps": DeviceDefaults(
+        batch_size=128, max_batch_tokens=8192, max_sequences=64, prefill_tokens=4096, request_batch_tokens=8192
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,9 @@ class RuntimeConfig:
             return self
         unknown = sorted(set(given) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown runtime option(s) {unknown}; allowed: {[f.name for f in dataclasses.fields(self)]}")
+            raise TypeError(
+                f"unknown runtime option(s) {unknown}; allowed: {[f.name for f in dataclasses.fields(self)]}"
+            )
         if "device" in given:
             given.setdefault("device_map", None)
         elif "device_map" in given:

@@ -76,7 +76,7 @@ class Tokenizer:
         self.padding_side = padding_side
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -108,8 +108,11 @@ class Tokenizer:
         """How these model inputs batch: input_ids padded with the pad token, other id lists with 0, the attention
         mask made from the input_ids' lengths; padded on this tokenizer's side."""
         rules = {"input_ids": Padded(self.pad_token_id), "attention_mask": Mask("input_ids")}
-        return Layout({name: rules.get(name, Padded(0)) for name in input_names}, length="input_ids",
-                      padding_side=self.padding_side)  # fmt: skip
+        return Layout(
+            {name: rules.get(name, Padded(0)) for name in input_names},
+            length="input_ids",
+            padding_side=self.padding_side,
+        )
 
     def __getstate__(self) -> dict:  # picklable for Ray workers: the lock and the truncating copies stay behind
         state = dict(self.__dict__)
@@ -137,8 +140,9 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self._backend.id_to_token(i) for i in ids]
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True,
-               clean_up_tokenization_spaces: bool | None = None) -> str:  # fmt: skip
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None
+    ) -> str:
         """Text of `ids`; spaces before punctuation removed where `clean_up_tokenization_spaces` asks for it
         (default: as tokenizer_config.json says)."""
         text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -206,8 +210,18 @@ class Tokenizer:
         )
 
 
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipelines import pipeline
-from tests.faults import simulate_oom
 from pipelines.distributed import (
     STATS_COLUMNS,
     ModelStage,
@@ -21,14 +20,20 @@ from pipelines.distributed import (
 )
 from pipelines.runtime import RuntimeConfig
 from tests.checkpoints import SENTENCES
+from tests.faults import simulate_oom
 
 QA_MODEL = Path(__file__).resolve().parent / "data" / "qa_reference" / "bert"
 
 
 def _spec(task, model, **kw):
     pipe = pipeline(task, model, load_weights=False)
-    defaults = dict(column="text", output_column=ray_task(pipe.task).output_column, error_column="error",
-                    id_column="id", runtime=RuntimeConfig(device="cpu"))
+    defaults = dict(
+        column="text",
+        output_column=ray_task(pipe.task).output_column,
+        error_column="error",
+        id_column="id",
+        runtime=RuntimeConfig(device="cpu"),
+    )
     return StageSpec(task=pipe.task, model=str(model), **{**defaults, **kw})
 
 
@@ -58,8 +63,9 @@ def test_stats_columns_kept_only_when_asked(checkpoint):
     path = checkpoint("bert")
     out = _run(_spec("sentence-embeddings", path, stats=True), _table(SENTENCES[:3]))
     assert set(STATS_COLUMNS) <= set(out.column_names)
-    assert out.column("__tokens").to_pylist() == [len(pipeline("sentence-embeddings", path).preprocess(t)["input_ids"])
-                                                  for t in SENTENCES[:3]]  # fmt: skip
+    assert out.column("__tokens").to_pylist() == [
+        len(pipeline("sentence-embeddings", path).preprocess(t)["input_ids"]) for t in SENTENCES[:3]
+    ]
 
 
 def test_classification_structs_equal_in_process(checkpoint):
@@ -75,7 +81,9 @@ def test_classification_structs_equal_in_process(checkpoint):
 def test_ner_rows_without_entities_keep_the_column_type(checkpoint):
     """An all-"O" batch must not produce list<null>: parts written by different blocks must share a schema."""
     path = checkpoint("bert", "token-classification")
-    spec = _spec("ner", path, params={"aggregation_strategy": "simple", "ignore_labels": ["LABEL_0", "LABEL_1", "LABEL_2"]})
+    spec = _spec(
+        "ner", path, params={"aggregation_strategy": "simple", "ignore_labels": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+    )
     out = _run(spec, _table(SENTENCES[:2]))
     assert out.column("entities").to_pylist() == [[], []]
     assert out.schema.field("entities").type.value_type.names == ["entity_group", "score", "word", "start", "end"]
@@ -162,7 +170,9 @@ def test_a_batch_where_every_row_fails_fails_as_a_whole(checkpoint, monkeypatch)
     path = checkpoint("bert", "sequence-classification")
     spec = _spec("text-classification", path)
     stage = ModelStage(spec)
-    monkeypatch.setattr(stage.pipe, "run_model", lambda features, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    monkeypatch.setattr(
+        stage.pipe, "run_model", lambda features, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error"))
+    )
     with pytest.raises(RuntimeError, match="every row of a batch of 2 failed"):
         stage(preprocess_batch(_table(["a", "b"]), spec))
 
@@ -170,5 +180,7 @@ def test_a_batch_where_every_row_fails_fails_as_a_whole(checkpoint, monkeypatch)
 def test_answer_type_narrows_float_lists_only():
     assert answer_type([[0.5, 1.0]], None) == pa.list_(pa.float32())
     assert answer_type([[[0.5]]], None) == pa.list_(pa.list_(pa.float32()))
-    assert answer_type([{"label": "a", "score": 0.5}], None) == pa.struct([("label", pa.string()), ("score", pa.float64())])
+    assert answer_type([{"label": "a", "score": 0.5}], None) == pa.struct(
+        [("label", pa.string()), ("score", pa.float64())]
+    )
     assert answer_type([[]], pa.list_(pa.int64())) == pa.list_(pa.int64())

@@ -5,11 +5,11 @@ import torch
 
 from pipelines import ChunkPipeline, Pipeline, pipeline, register_pipeline
 from pipelines.batching import ItemOutOfMemoryError
-from tests.faults import simulate_oom
 from pipelines.registry import TASKS
 from pipelines.tokenization import Tokenizer
 from tests.checkpoints import SENTENCES, load_native
 from tests.compare import assert_same_output
+from tests.faults import simulate_oom
 
 TEXTS = SENTENCES * 5  # 40 texts of mixed length
 
@@ -120,8 +120,13 @@ def test_module_object_with_tokenizer(classifier_path, clf):
     from pipelines.models.bert import BertForSequenceClassification
 
     module = load_native(classifier_path, BertForSequenceClassification)
-    pipe = pipeline("text-classification", model=module, tokenizer=Tokenizer.from_pretrained(classifier_path),
-                    config=clf.config, top_k=None)  # fmt: skip
+    pipe = pipeline(
+        "text-classification",
+        model=module,
+        tokenizer=Tokenizer.from_pretrained(classifier_path),
+        config=clf.config,
+        top_k=None,
+    )
     assert_same_output(pipe(SENTENCES), clf(SENTENCES), atol=1e-5)
     with pytest.raises(ValueError, match="needs tokenizer="):
         pipeline("text-classification", model=module)

@@ -48,13 +48,17 @@ class ChatTemplate:
         if isinstance(templates, (list, tuple)):  # tokenizer_config.json's [{"name": ..., "template": ...}, ...]
             templates = {t["name"]: t["template"] for t in templates}
             object.__setattr__(self, "templates", templates)
-        if not (templates is None or isinstance(templates, str) or (
-                isinstance(templates, dict) and all(isinstance(v, str) for v in templates.values()))):  # fmt: skip
-            raise TypeError(f"chat templates must be a string or a dict of named strings, "
-                            f"got {type(templates).__name__}")
+        if not (
+            templates is None
+            or isinstance(templates, str)
+            or (isinstance(templates, dict) and all(isinstance(v, str) for v in templates.values()))
+        ):
+            raise TypeError(
+                f"chat templates must be a string or a dict of named strings, got {type(templates).__name__}"
+            )
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "ChatTemplate":
+    def from_pretrained(cls, folder: str | Path) -> ChatTemplate:
         """The templates and special tokens of a tokenizer folder, from where transformers 5 reads them."""
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
@@ -79,27 +83,41 @@ class ChatTemplate:
                 return self.templates["tool_use"]
             if "default" in self.templates:
                 return self.templates["default"]
-            raise ValueError("this tokenizer has several chat templates and none named 'default': choose one with "
-                             f"chat_template=NAME; names: {sorted(self.templates)}")  # fmt: skip
+            raise ValueError(
+                "this tokenizer has several chat templates and none named 'default': choose one with "
+                f"chat_template=NAME; names: {sorted(self.templates)}"
+            )
         if chat_template is not None:
             return chat_template
         if self.templates is None:
-            raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no chat_template in "
-                             f"tokenizer_config.json): pass a Jinja template as chat_template=, e.g. {_EXAMPLE!r}, "
-                             "or give a plain string prompt instead of messages")  # fmt: skip
+            raise ValueError(
+                "this tokenizer has no chat template (no chat_template.jinja and no chat_template in "
+                f"tokenizer_config.json): pass a Jinja template as chat_template=, e.g. {_EXAMPLE!r}, "
+                "or give a plain string prompt instead of messages"
+            )
         return self.templates
 
-    def render(self, messages, *, add_generation_prompt: bool = False, continue_final_message: bool | str = False,
-               chat_template: str | None = None, tools: list[dict] | None = None, documents: list[dict] | None = None,
-               **variables) -> str:  # fmt: skip
+    def render(
+        self,
+        messages,
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **variables,
+    ) -> str:
         """The prompt text of one conversation (`tokenize=False` in transformers). `continue_final_message` leaves
         the last message open (its field "content", or the one named) for the model to continue; `variables` are
         extra template variables and override the special tokens."""
         source = self.template(chat_template, tools)
         chat = [{k: v for k, v in m.items() if v is not None} for m in check_messages(messages)]
         if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be set: continue the last "
-                             "message, or start a new assistant message")  # fmt: skip
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be set: continue the last "
+                "message, or start a new assistant message"
+            )
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise TypeError(f"tools must be a list of JSON schema dicts, got {tools!r}")
         if documents is not None and not (isinstance(documents, list) and all(isinstance(d, dict) for d in documents)):
@@ -110,8 +128,14 @@ class ChatTemplate:
             field = continue_final_message if isinstance(continue_final_message, str) else "content"
             final = _tag_final_message(chat, field, source)
         variables = _plain({**self.special_tokens, **variables})
-        text = _render(_compile(source), messages=chat, tools=_plain(tools), documents=_plain(documents),
-                       add_generation_prompt=add_generation_prompt, **variables)  # fmt: skip
+        text = _render(
+            _compile(source),
+            messages=chat,
+            tools=_plain(tools),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
         return text if final is None else _cut_at_tag(text, final)
 
 
@@ -222,10 +246,12 @@ def _compile(source: str):
 def _environment() -> ImmutableSandboxedEnvironment:
     """transformers' sandbox: the same options, extensions, globals and filters."""
     if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
-        raise ImportError(f"chat templates need jinja2>=3.1.6 (older ones have sandbox escapes), "
-                          f"found {jinja2.__version__}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])  # fmt: skip
+        raise ImportError(
+            f"chat templates need jinja2>=3.1.6 (older ones have sandbox escapes), found {jinja2.__version__}"
+        )
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -344,8 +370,10 @@ def _tag_final_message(chat: list[dict], field: str, source: str) -> str:
 
 def _cut_at_tag(text: str, final: str) -> str:
     if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
-        raise ValueError("continue_final_message is set but the chat template dropped part of the final message "
-                         f"{final.strip()[:80]!r}; this template cannot continue it")  # fmt: skip
+        raise ValueError(
+            "continue_final_message is set but the chat template dropped part of the final message "
+            f"{final.strip()[:80]!r}; this template cannot continue it"
+        )
     at = text.rindex(_CONTINUE_TAG.strip())
     if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
         return text[:at]

@@ -102,9 +102,18 @@ class Engine:
     max_length: the longest sequence, prompt + generated (default: the model's `max_input_length`).
     """
 
-    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 select: Select = greedy, max_batch_tokens: int = 2048, max_sequences: int = 64,
-                 kv_cache_tokens: int | None = None, max_length: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        select: Select = greedy,
+        max_batch_tokens: int = 2048,
+        max_sequences: int = 64,
+        kv_cache_tokens: int | None = None,
+        max_length: int | None = None,
+    ):
         config = model.config
         self.model, self.select = model, select
         floats = [p for p in model.parameters() if p.is_floating_point()]
@@ -122,8 +131,15 @@ class Engine:
         self.cache: layers.KVCache | None = None
 
     # -- the queue ------------------------------------------------------------------------------------------
-    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_ids=(),
-            stop: Callable[[list[int]], bool] | None = None, sampler_state=None) -> None:  # fmt: skip
+    def add(
+        self,
+        seq_id: Hashable,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_token_ids=(),
+        stop: Callable[[list[int]], bool] | None = None,
+        sampler_state=None,
+    ) -> None:
         """Queue a sequence. It stops at an id of `eos_token_ids` (emitted as its last token), when
         `stop(generated_ids)` is true (it gets the live list: copy it to keep it), after `max_new_tokens`, or at
         `max_length` tokens in all. `sampler_state` is handed to `select` with this sequence's row."""
@@ -138,14 +154,19 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if len(prompt) >= self.max_length:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate: the model's context is "
-                             f"max_length={self.max_length} tokens, prompt and generated together")  # fmt: skip
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens leaves no room to generate: the model's context is "
+                f"max_length={self.max_length} tokens, prompt and generated together"
+            )
         max_new = min(max_new_tokens, self.max_length - len(prompt))
-        seq = _Sequence(seq_id, prompt, len(prompt), max_new, frozenset(int(t) for t in eos_token_ids), stop,
-                        sampler_state)  # fmt: skip
+        seq = _Sequence(
+            seq_id, prompt, len(prompt), max_new, frozenset(int(t) for t in eos_token_ids), stop, sampler_state
+        )
         if seq.reserved > self.kv_cache_tokens:
-            raise ValueError(f"prompt of {len(prompt)} tokens + {max_new} new tokens can never fit the KV cache "
-                             f"budget of kv_cache_tokens={self.kv_cache_tokens}")  # fmt: skip
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + {max_new} new tokens can never fit the KV cache "
+                f"budget of kv_cache_tokens={self.kv_cache_tokens}"
+            )
         self.sequences[seq_id] = seq
         self.waiting.append(seq)
 
@@ -171,8 +192,14 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], eos_token_ids=(),
-                 stop=None, sampler_states: Sequence | None = None) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        eos_token_ids=(),
+        stop=None,
+        sampler_states: Sequence | None = None,
+    ) -> list[list[int]]:
         """Run `prompts` to completion on an idle engine; the generated ids of each, in input order."""
         if self.has_work():
             raise ValueError("generate() needs an idle engine; drive step() yourself to mix with other sequences")
@@ -278,8 +305,9 @@ class Engine:
         slots, capacity = next(o for o in options if o[0] * o[1] <= self.kv_cache_tokens)
         if self.cache is None:
             n_layers, n_kv, head_dim = self.model.config.cache_shape
-            self.cache = layers.KVCache(n_layers, n_kv, head_dim, slots=slots, capacity=capacity,
-                                        device=self.device, dtype=self.dtype)  # fmt: skip
+            self.cache = layers.KVCache(
+                n_layers, n_kv, head_dim, slots=slots, capacity=capacity, device=self.device, dtype=self.dtype
+            )
         else:
             self.cache.resize(slots, capacity)
 

@@ -38,8 +38,16 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, on_event: OnEvent, *, eos_token_ids=(),
-               stop=None, sampler_state=None) -> int:  # fmt: skip
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        on_event: OnEvent,
+        *,
+        eos_token_ids=(),
+        stop=None,
+        sampler_state=None,
+    ) -> int:
         """Queue a sequence; `on_event` is called on the loop's thread with each TokenEvent (the last one has
         finished=True) or with the exception that ended it. Returns the sequence id (for `cancel`)."""
         seq_id = next(self._ids)
@@ -101,7 +109,7 @@ class EngineLoop:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - every sequence in the batch learns of it
+            except Exception as e:
                 logger.exception("generation step failed; failing the %d sequences in the engine", len(self._callbacks))
                 self._fail_all(e)
                 continue
@@ -138,5 +146,5 @@ class EngineLoop:
 def _call(on_event: OnEvent, event) -> None:
     try:
         on_event(event)
-    except Exception:  # noqa: BLE001 - a caller's bug must not stop the loop for everyone else
+    except Exception:
         logger.exception("a generation callback failed")

@@ -45,24 +45,66 @@ logger = logging.getLogger(__name__)
 TEXT_GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 # transformers' global defaults (GenerationConfig._get_default_generation_params) for the parameters we support.
 GLOBAL_DEFAULTS = {
-    "max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
-}  # fmt: skip
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1,
+}
 PARAMETERS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
-    "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "eos_token_id", "stop_strings", "seed",
-)  # fmt: skip
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_return_sequences",
+    "eos_token_id",
+    "stop_strings",
+    "seed",
+)
 _SAMPLING = ("temperature", "top_k", "top_p")
 # transformers generation parameters we do not implement, with the value that leaves them without effect.
 UNSUPPORTED = {
-    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0, "early_stopping": False,
-    "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "penalty_alpha": None,
-    "bad_words_ids": None, "force_words_ids": None, "constraints": None, "sequence_bias": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-    "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": None, "max_time": None,
-    "token_healing": False, "dola_layers": None, "prompt_lookup_num_tokens": None, "watermarking_config": None,
-}  # fmt: skip
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "penalty_alpha": None,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "guidance_scale": None,
+    "max_time": None,
+    "token_healing": False,
+    "dola_layers": None,
+    "prompt_lookup_num_tokens": None,
+    "watermarking_config": None,
+}
 # More new tokens than this is a typo, not a request (it would size a KV cache of millions of positions).
 MAX_NEW_TOKENS = 1 << 20
 _WARNED: set[str] = set()  # unsupported checkpoint settings already logged
@@ -106,9 +148,15 @@ class GenerationParams:
         self._check_combinations()
 
     @classmethod
-    def resolve(cls, defaults: Mapping | None = None, prompt_length: int | None = None,
-                max_context: int | None = None, *, pipeline_defaults: Mapping = TEXT_GENERATION_DEFAULTS,
-                **user) -> "GenerationParams":  # fmt: skip
+    def resolve(
+        cls,
+        defaults: Mapping | None = None,
+        prompt_length: int | None = None,
+        max_context: int | None = None,
+        *,
+        pipeline_defaults: Mapping = TEXT_GENERATION_DEFAULTS,
+        **user,
+    ) -> GenerationParams:
         """The parameters of one call: `user` over the checkpoint's `defaults` (generation_config.json as a dict)
         over `pipeline_defaults` over transformers' global defaults. `max_context` is the model's maximum number of
         positions; with `prompt_length`, the length limit is checked for that prompt too."""
@@ -117,8 +165,11 @@ class GenerationParams:
         user = {k: v for k, v in user.items() if v is not None}
         model = _model_defaults(defaults or {})
         chosen = {**model, **user}
-        added = {k: v for k, v in pipeline_defaults.items()
-                 if k not in chosen and not (k == "max_new_tokens" and "max_length" in chosen)}  # fmt: skip
+        added = {
+            k: v
+            for k, v in pipeline_defaults.items()
+            if k not in chosen and not (k == "max_new_tokens" and "max_length" in chosen)
+        }
         if not {**added, **chosen}.get("do_sample"):
             added = {k: v for k, v in added.items() if k not in _SAMPLING}
         values = {**GLOBAL_DEFAULTS, **added, **chosen}
@@ -138,11 +189,15 @@ class GenerationParams:
 
     def _check_combinations(self) -> None:
         if self.num_return_sequences > 1 and not self.do_sample:
-            raise ValueError(f"num_return_sequences={self.num_return_sequences} needs sampling: greedy decoding "
-                             "(do_sample=False) gives one sequence; set do_sample=True or num_return_sequences=1")
+            raise ValueError(
+                f"num_return_sequences={self.num_return_sequences} needs sampling: greedy decoding "
+                "(do_sample=False) gives one sequence; set do_sample=True or num_return_sequences=1"
+            )
         if self.do_sample and self.temperature == 0:
-            raise ValueError("temperature=0 with do_sample=True: sampling needs a temperature > 0; for greedy "
-                             "decoding set do_sample=False")  # fmt: skip
+            raise ValueError(
+                "temperature=0 with do_sample=True: sampling needs a temperature > 0; for greedy "
+                "decoding set do_sample=False"
+            )
 
     def new_tokens(self, prompt_length: int) -> int:
         """How many tokens a prompt of `prompt_length` tokens may generate; ValueError where none fit."""
@@ -150,8 +205,10 @@ class GenerationParams:
             raise ValueError(f"prompt_length must be a non-negative integer, got {prompt_length!r}")
         context = self.max_context
         if context is not None and prompt_length >= context:
-            raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {context} tokens: "
-                             "no room left to generate; shorten the prompt")  # fmt: skip
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens but the model's context is {context} tokens: "
+                "no room left to generate; shorten the prompt"
+            )
         if self.max_new_tokens is not None:
             count, name = self.max_new_tokens, f"max_new_tokens={self.max_new_tokens}"
         elif self.default_length:
@@ -159,13 +216,17 @@ class GenerationParams:
         else:
             count, name = self.max_length - prompt_length, f"max_length={self.max_length}"
             if count <= 0:
-                raise ValueError(f"the prompt has {prompt_length} tokens but max_length={self.max_length} counts "
-                                 "the prompt too: nothing left to generate; raise max_length or set max_new_tokens")
+                raise ValueError(
+                    f"the prompt has {prompt_length} tokens but max_length={self.max_length} counts "
+                    "the prompt too: nothing left to generate; raise max_length or set max_new_tokens"
+                )
         if context is not None and prompt_length + count > context:
             if not (self.fit_to_context or self.default_length):
-                raise ValueError(f"the prompt ({prompt_length} tokens) plus {name} makes {prompt_length + count} "
-                                 f"tokens, more than the model's context of {context}; ask for at most "
-                                 f"{context - prompt_length} new tokens or shorten the prompt")  # fmt: skip
+                raise ValueError(
+                    f"the prompt ({prompt_length} tokens) plus {name} makes {prompt_length + count} "
+                    f"tokens, more than the model's context of {context}; ask for at most "
+                    f"{context - prompt_length} new tokens or shorten the prompt"
+                )
             logger.debug("%s shortened to %d tokens to fit the context of %d", name, context - prompt_length, context)
             count = context - prompt_length
         if count > MAX_NEW_TOKENS:
@@ -206,23 +267,30 @@ def _model_defaults(defaults: Mapping) -> dict:
     """The checkpoint's values we use; unsupported ones that would change the output are logged once."""
     if not isinstance(defaults, Mapping):
         raise TypeError(f"defaults must be a dict (a generation_config.json), got {type(defaults).__name__}")
-    ignored = ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items())
-                        if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k])  # fmt: skip
+    ignored = ", ".join(
+        f"{k}={v!r}" for k, v in sorted(defaults.items()) if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
+    )
     if ignored and ignored not in _WARNED:
         _WARNED.add(ignored)
-        logger.warning("the checkpoint's generation config sets %s, which this implementation does not support; "
-                       "ignored", ignored)  # fmt: skip
+        logger.warning(
+            "the checkpoint's generation config sets %s, which this implementation does not support; ignored", ignored
+        )
     return {k: v for k, v in defaults.items() if k in PARAMETERS and k != "seed" and v is not None}
 
 
 # name -> (kind, lowest allowed, whether the lowest is allowed, highest allowed or None)
 _RANGES = {
-    "max_new_tokens": ("int", 1, True, MAX_NEW_TOKENS), "max_length": ("int", 1, True, None),
-    "min_new_tokens": ("int", 0, True, None), "min_length": ("int", 0, True, None), "top_k": ("int", 0, True, None),
-    "no_repeat_ngram_size": ("int", 0, True, None), "num_return_sequences": ("int", 1, True, None),
-    "temperature": ("float", 0.0, True, None), "top_p": ("float", 0.0, True, 1.0),
+    "max_new_tokens": ("int", 1, True, MAX_NEW_TOKENS),
+    "max_length": ("int", 1, True, None),
+    "min_new_tokens": ("int", 0, True, None),
+    "min_length": ("int", 0, True, None),
+    "top_k": ("int", 0, True, None),
+    "no_repeat_ngram_size": ("int", 0, True, None),
+    "num_return_sequences": ("int", 1, True, None),
+    "temperature": ("float", 0.0, True, None),
+    "top_p": ("float", 0.0, True, 1.0),
     "repetition_penalty": ("float", 0.0, False, None),
-}  # fmt: skip
+}
 
 
 def _validate(name: str, value, source: str = ""):
@@ -236,8 +304,9 @@ def _validate(name: str, value, source: str = ""):
     if name == "eos_token_id":
         ids = [value] if _is_int(value) else value
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise TypeError(f"eos_token_id must be a token id or a list of token ids (integers >= 0), "
-                            f"got {value!r}{source}")
+            raise TypeError(
+                f"eos_token_id must be a token id or a list of token ids (integers >= 0), got {value!r}{source}"
+            )
         return tuple(ids)
     if name == "stop_strings":
         return _stop_strings(value)
@@ -290,10 +359,10 @@ class SamplerState:
     max_new_tokens: int
     min_new_tokens: int
     generator: torch.Generator | None = None  # None for greedy decoding
-    stop: "StopStrings | None" = None
+    stop: StopStrings | None = None
 
     def finish_reason(self, history: Sequence[int]) -> str | None:
-        """"stop" (end-of-sequence token or stop string), "length" (limit reached) or None (go on), after a token."""
+        """ "stop" (end-of-sequence token or stop string), "length" (limit reached) or None (go on), after a token."""
         generated = len(history) - self.prompt_length
         if generated > 0 and history[-1] in self.params.eos_token_id:
             return "stop"
@@ -302,8 +371,9 @@ class SamplerState:
         return "length" if generated >= self.max_new_tokens else None
 
 
-def sampler_state(params: GenerationParams, prompt_length: int, *, index: int = 0, device="cpu",
-                  stop: "StopStrings | None" = None) -> SamplerState:  # fmt: skip
+def sampler_state(
+    params: GenerationParams, prompt_length: int, *, index: int = 0, device="cpu", stop: StopStrings | None = None
+) -> SamplerState:
     """The state of sequence `index` (of `num_return_sequences`) of one prompt. Its generator, on `device`, is
     seeded from `params.seed` (sequence 0 with the seed itself), or from torch's global generator without a seed."""
     if params.stop_strings and stop is None:
@@ -313,8 +383,9 @@ def sampler_state(params: GenerationParams, prompt_length: int, *, index: int = 
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if index == 0 else (seed + index * _SEED_MIX) % 2**64)
-    return SamplerState(params, prompt_length, params.new_tokens(prompt_length), params.min_tokens(prompt_length),
-                        generator, stop)  # fmt: skip
+    return SamplerState(
+        params, prompt_length, params.new_tokens(prompt_length), params.min_tokens(prompt_length), generator, stop
+    )
 
 
 # -- token selection ---------------------------------------------------------------------------------------------------
@@ -340,8 +411,10 @@ def process(logits: torch.Tensor, histories: Sequence[Sequence[int]], states: Se
     """The scores (B, V) float32 that transformers' logits processors and (when sampling) warpers give: the
     distribution `select` draws from after a softmax."""
     if logits.dim() != 2 or not logits.shape[0] == len(histories) == len(states):
-        raise ValueError(f"expected logits (B, V) with B histories and B states, got logits {tuple(logits.shape)}, "
-                         f"{len(histories)} histories and {len(states)} states")  # fmt: skip
+        raise ValueError(
+            f"expected logits (B, V) with B histories and B states, got logits {tuple(logits.shape)}, "
+            f"{len(histories)} histories and {len(states)} states"
+        )
     scores = logits.to(torch.float32, copy=True)
     penalize_repetition(scores, histories, [s.params.repetition_penalty for s in states])
     ban_repeated_ngrams(scores, histories, [s.params.no_repeat_ngram_size for s in states])

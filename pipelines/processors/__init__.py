@@ -22,7 +22,7 @@ from pipelines.processors.layout import Layout, Mask, Padded, Stacked
 # processor kind -> class (each with `from_pretrained(folder)`), or "module:Class" imported on first use
 PROCESSORS: dict[str, type | str] = {"text": "pipelines.tokenization:Tokenizer"}
 
-__all__ = ["Layout", "Mask", "PROCESSORS", "Padded", "Stacked", "load_processor", "register_processor"]
+__all__ = ["PROCESSORS", "Layout", "Mask", "Padded", "Stacked", "load_processor", "register_processor"]
 
 
 def load_processor(kind: str, folder: str | Path):

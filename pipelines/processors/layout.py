@@ -78,7 +78,9 @@ class Layout:
                 batch[name] = torch.tensor(rows, dtype=torch.long)
             elif name in items[0]:
                 values = [f[name] for f in items]
-                batch[name] = _padded(values, rule, self.padding_side) if isinstance(rule, Padded) else _stacked(values, rule)
+                batch[name] = (
+                    _padded(values, rule, self.padding_side) if isinstance(rule, Padded) else _stacked(values, rule)
+                )
         return batch
 
     def padded_length(self, batch: Mapping[str, torch.Tensor]) -> int | None:
@@ -110,7 +112,9 @@ def _stacked(values: list, rule: Stacked) -> torch.Tensor:
     if len(shapes) > 1:
         raise ValueError(f"stacked features must all have one shape; got {sorted(shapes)}")
     out = torch.stack(tensors)
-    dtype = rule.dtype or (torch.float32 if not isinstance(values[0], torch.Tensor) and out.is_floating_point() else None)
+    dtype = rule.dtype or (
+        torch.float32 if not isinstance(values[0], torch.Tensor) and out.is_floating_point() else None
+    )
     return out if dtype is None else out.to(dtype)
 
 

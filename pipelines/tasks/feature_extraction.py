@@ -14,8 +14,10 @@ class FeatureExtractionPipeline(Pipeline):
 
     def _sanitize_parameters(self, truncation=None, tokenize_kwargs=None, return_tensors=None, **unknown):
         if unknown:
-            raise TypeError(f"feature-extraction got unknown parameters {sorted(unknown)}; "
-                            "allowed: truncation, tokenize_kwargs, return_tensors")  # fmt: skip
+            raise TypeError(
+                f"feature-extraction got unknown parameters {sorted(unknown)}; "
+                "allowed: truncation, tokenize_kwargs, return_tensors"
+            )
         pre = dict(tokenize_kwargs or {})
         if set(pre) - {"truncation", "max_length"}:
             raise TypeError(f"tokenize_kwargs supports truncation and max_length, got {sorted(pre)}")

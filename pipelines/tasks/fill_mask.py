@@ -38,11 +38,14 @@ class FillMaskPipeline(Pipeline):
 
     def _sanitize_parameters(self, top_k=None, targets=None, tokenizer_kwargs=None, **unknown):
         if unknown:
-            raise TypeError(f"fill-mask got unknown parameters {sorted(unknown)}; "
-                            "allowed: top_k, targets, tokenizer_kwargs")  # fmt: skip
+            raise TypeError(
+                f"fill-mask got unknown parameters {sorted(unknown)}; allowed: top_k, targets, tokenizer_kwargs"
+            )
         if self.tokenizer.token_id("mask_token") is None:
-            raise ValueError("fill-mask needs a tokenizer with a mask token; this one defines none "
-                             f"(special tokens: {self.tokenizer.special_tokens})")  # fmt: skip
+            raise ValueError(
+                "fill-mask needs a tokenizer with a mask token; this one defines none "
+                f"(special tokens: {self.tokenizer.special_tokens})"
+            )
         pre = dict(tokenizer_kwargs or {})
         if set(pre) - {"truncation", "max_length"}:
             raise TypeError(f"tokenizer_kwargs supports truncation and max_length, got {sorted(pre)}")
@@ -67,12 +70,16 @@ class FillMaskPipeline(Pipeline):
             if id_ is None:
                 pieces = self.tokenizer.encode(target, add_special_tokens=False).input_ids
                 if not pieces:
-                    logger.warning("target %r does not exist in the model vocabulary and tokenizes to nothing; "
-                                   "ignoring it", target)  # fmt: skip
+                    logger.warning(
+                        "target %r does not exist in the model vocabulary and tokenizes to nothing; ignoring it", target
+                    )
                     continue
                 id_ = pieces[0]
-                logger.warning("target %r does not exist in the model vocabulary; replacing it with %r",
-                               target, self.tokenizer.convert_ids_to_tokens([id_])[0])  # fmt: skip
+                logger.warning(
+                    "target %r does not exist in the model vocabulary; replacing it with %r",
+                    target,
+                    self.tokenizer.convert_ids_to_tokens([id_])[0],
+                )
             ids.append(id_)
         if not ids:
             raise ValueError(f"no usable target among {list(targets)!r}: give at least one token of the vocabulary")
@@ -120,11 +127,13 @@ class FillMaskPipeline(Pipeline):
             for score, token in zip(outputs["scores"][m].tolist(), outputs["token_ids"][m].tolist()):
                 filled = input_ids[:position] + [token] + input_ids[position + 1 :]
                 filled = [t for t in filled if t != pad_id]
-                row.append({
-                    "score": score,
-                    "token": token,
-                    "token_str": self.tokenizer.decode([token], skip_special_tokens=False),
-                    "sequence": self.tokenizer.decode(filled, skip_special_tokens=single),
-                })  # fmt: skip
+                row.append(
+                    {
+                        "score": score,
+                        "token": token,
+                        "token_str": self.tokenizer.decode([token], skip_special_tokens=False),
+                        "sequence": self.tokenizer.decode(filled, skip_special_tokens=single),
+                    }
+                )
             rows.append(row)
         return rows[0] if single else rows

@@ -13,8 +13,15 @@ import torch
 
 from pipelines.base import ChunkPipeline
 
-PARAMETERS = ("top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len",
-              "handle_impossible_answer", "align_to_words")  # fmt: skip
+PARAMETERS = (
+    "top_k",
+    "doc_stride",
+    "max_answer_len",
+    "max_seq_len",
+    "max_question_len",
+    "handle_impossible_answer",
+    "align_to_words",
+)
 DEFAULT_MAX_SEQ_LEN = 384
 _MASKED = -10000.0  # the logit transformers gives tokens that cannot be part of an answer
 _UNSET = object()
@@ -47,18 +54,28 @@ class QuestionAnsweringPipeline(ChunkPipeline):
     task = "question-answering"
     token_outputs = ("logits",)
 
-    def _sanitize_parameters(self, top_k=None, doc_stride=None, max_answer_len=None, max_seq_len=None,
-                             max_question_len=None, handle_impossible_answer=None, align_to_words=None,
-                             **unknown):  # fmt: skip
+    def _sanitize_parameters(
+        self,
+        top_k=None,
+        doc_stride=None,
+        max_answer_len=None,
+        max_seq_len=None,
+        max_question_len=None,
+        handle_impossible_answer=None,
+        align_to_words=None,
+        **unknown,
+    ):
         if unknown:
-            raise TypeError(f"question-answering got unknown parameters {sorted(unknown)}; "
-                            f"allowed: {', '.join(PARAMETERS)}")  # fmt: skip
+            raise TypeError(
+                f"question-answering got unknown parameters {sorted(unknown)}; allowed: {', '.join(PARAMETERS)}"
+            )
         pre, post = {}, {}
         if max_seq_len is not None:
             pre["max_seq_len"] = _integer("max_seq_len", max_seq_len, 1)
             if self.max_length is not None and max_seq_len > self.max_length:
-                raise ValueError(f"max_seq_len={max_seq_len} is more than the model's maximum of "
-                                 f"{self.max_length} tokens")  # fmt: skip
+                raise ValueError(
+                    f"max_seq_len={max_seq_len} is more than the model's maximum of {self.max_length} tokens"
+                )
         if doc_stride is not None:
             pre["doc_stride"] = _integer("doc_stride", doc_stride, 0)
         if max_question_len is not None:
@@ -92,8 +109,14 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         for enc in self._windows(question, context, max_seq_len, doc_stride):
             # the context, and the CLS token (the "no answer" position), may hold the answer's ends
             allowed = [seq == 1 or token == cls_id for seq, token in zip(enc.sequence_ids, enc.input_ids)]
-            yield {**enc.model_inputs(), "allowed": allowed, "offsets": enc.offsets, "word_ids": enc.word_ids,
-                   "sequence_ids": enc.sequence_ids, "context": context}  # fmt: skip
+            yield {
+                **enc.model_inputs(),
+                "allowed": allowed,
+                "offsets": enc.offsets,
+                "word_ids": enc.word_ids,
+                "sequence_ids": enc.sequence_ids,
+                "context": context,
+            }
 
     def _windows(self, question: str, context: str, max_seq_len: int, doc_stride: int) -> list:
         """The question with each window of the context, checked first so that `tokenizers` cannot panic."""
@@ -102,14 +125,24 @@ class QuestionAnsweringPipeline(ChunkPipeline):
             return [full]
         room = max_seq_len - (len(full) - full.sequence_ids.count(1))  # context tokens that fit in a chunk
         if room < 1:
-            raise ValueError(f"the question and special tokens take {len(full) - full.sequence_ids.count(1)} tokens, "
-                             f"leaving no room for the context within max_seq_len={max_seq_len}; "
-                             "shorten the question or raise max_seq_len")  # fmt: skip
+            raise ValueError(
+                f"the question and special tokens take {len(full) - full.sequence_ids.count(1)} tokens, "
+                f"leaving no room for the context within max_seq_len={max_seq_len}; "
+                "shorten the question or raise max_seq_len"
+            )
         if doc_stride >= room:
-            raise ValueError(f"doc_stride={doc_stride} must be smaller than the {room} context tokens that fit in a "
-                             f"chunk next to the question (max_seq_len={max_seq_len}); lower doc_stride")  # fmt: skip
-        return self.tokenizer.encode(question, context, max_length=max_seq_len, stride=doc_stride,
-                                     truncation="only_second", return_overflowing=True)  # fmt: skip
+            raise ValueError(
+                f"doc_stride={doc_stride} must be smaller than the {room} context tokens that fit in a "
+                f"chunk next to the question (max_seq_len={max_seq_len}); lower doc_stride"
+            )
+        return self.tokenizer.encode(
+            question,
+            context,
+            max_length=max_seq_len,
+            stride=doc_stride,
+            truncation="only_second",
+            return_overflowing=True,
+        )
 
     def _forward(self, inputs):
         return {"logits": self.model(**inputs).float()}  # (B, T, 2): start, end
@@ -138,8 +171,10 @@ def _gather_inputs(args: tuple, question, context):
     if len(args) == 2 and all(isinstance(a, str) for a in args):
         return {"question": args[0], "context": args[1]}
     if args:
-        raise TypeError(f"expected one input (a dict or a list of dicts) or (question, context) strings, "
-                        f"got {len(args)} positional arguments")  # fmt: skip
+        raise TypeError(
+            f"expected one input (a dict or a list of dicts) or (question, context) strings, "
+            f"got {len(args)} positional arguments"
+        )
     for name, value in (("question", question), ("context", context)):
         if value is _UNSET:
             raise ValueError(f"question-answering needs question= and context=; {name} is missing")
@@ -147,19 +182,23 @@ def _gather_inputs(args: tuple, question, context):
         if not isinstance(context, list):
             return [{"question": q, "context": context} for q in question]  # one context for every question
         if len(question) != len(context):
-            raise ValueError(f"got {len(question)} questions and {len(context)} contexts: "
-                             "the lists must have the same length")  # fmt: skip
+            raise ValueError(
+                f"got {len(question)} questions and {len(context)} contexts: the lists must have the same length"
+            )
         return [{"question": q, "context": c} for q, c in zip(question, context)]
     if isinstance(context, list):
-        raise ValueError("one question with a list of contexts is not supported (nor in transformers): "
-                         "pass question= as a list of the same length")  # fmt: skip
+        raise ValueError(
+            "one question with a list of contexts is not supported (nor in transformers): "
+            "pass question= as a list of the same length"
+        )
     return {"question": question, "context": context}
 
 
 def _question_context(item) -> tuple[str, str]:
     if not isinstance(item, dict):
-        raise TypeError(f"a question-answering input is a dict {{'question': ..., 'context': ...}}, "
-                        f"got {type(item).__name__}")  # fmt: skip
+        raise TypeError(
+            f"a question-answering input is a dict {{'question': ..., 'context': ...}}, got {type(item).__name__}"
+        )
     if set(item) - {"question", "context"}:
         raise ValueError(f"unknown keys {sorted(set(item) - {'question', 'context'})}; allowed: 'question', 'context'")
     for key in ("question", "context"):

@@ -20,10 +20,13 @@ from pipelines.base import Pipeline
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _LEGACY_POOLING_KEYS = {  # old boolean keys of 1_Pooling/config.json, in sentence-transformers' concat order
-    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken",
-}  # fmt: skip
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 _DENSE_ACTIVATIONS = {"Tanh": nn.Tanh, "Identity": nn.Identity, "ReLU": nn.ReLU, "GELU": nn.GELU, "Sigmoid": nn.Sigmoid}
 
 
@@ -59,8 +62,10 @@ def read_sentence_transformers_config(folder: Path | None) -> dict:
         elif kind == "Normalize":
             result["normalize"] = True
         else:
-            raise ValueError(f"unsupported sentence-transformers module {module['type']!r} in {folder}/modules.json; "
-                             "supported: Transformer, Pooling, Dense, Normalize")  # fmt: skip
+            raise ValueError(
+                f"unsupported sentence-transformers module {module['type']!r} in {folder}/modules.json; "
+                "supported: Transformer, Pooling, Dense, Normalize"
+            )
     return result
 
 
@@ -71,7 +76,9 @@ def load_dense(path: Path, dtype: torch.dtype, device) -> nn.Sequential:
     config = _json(path / "config.json")
     activation = config.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
     if activation not in _DENSE_ACTIVATIONS:
-        raise ValueError(f"unsupported Dense activation {activation!r} in {path}; allowed: {sorted(_DENSE_ACTIVATIONS)}")
+        raise ValueError(
+            f"unsupported Dense activation {activation!r} in {path}; allowed: {sorted(_DENSE_ACTIVATIONS)}"
+        )
     linear = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
     state = {k.removeprefix("linear."): v for k, v in iter_tensors(weight_files(path, allow_pickle=False))}
     linear.load_state_dict(state, strict=True)
@@ -126,8 +133,10 @@ class SentenceEmbeddingsPipeline(Pipeline):
 
     def _sanitize_parameters(self, return_tensors=None, **unknown):
         if unknown:
-            raise TypeError(f"sentence-embeddings got unknown parameters {sorted(unknown)}; allowed: "
-                            "return_tensors (and, at construction, pooling, normalize)")  # fmt: skip
+            raise TypeError(
+                f"sentence-embeddings got unknown parameters {sorted(unknown)}; allowed: "
+                "return_tensors (and, at construction, pooling, normalize)"
+            )
         return {}, {}, {} if return_tensors is None else {"return_tensors": bool(return_tensors)}
 
     def preprocess(self, item):

@@ -23,8 +23,10 @@ class TextClassificationPipeline(Pipeline):
 
     def _sanitize_parameters(self, function_to_apply=None, top_k=_UNSET, truncation=None, max_length=None, **unknown):
         if unknown:
-            raise TypeError(f"text-classification got unknown parameters {sorted(unknown)}; "
-                            "allowed: top_k, function_to_apply, truncation, max_length")  # fmt: skip
+            raise TypeError(
+                f"text-classification got unknown parameters {sorted(unknown)}; "
+                "allowed: top_k, function_to_apply, truncation, max_length"
+            )
         pre, post = {}, {}
         if truncation is not None:
             pre["truncation"] = truncation

@@ -24,8 +24,8 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from pipelines.generation import chat
 from pipelines.base import Features, Pipeline
+from pipelines.generation import chat
 from pipelines.generation.sampling import GenerationParams, StopStrings, checkpoint_defaults, sampler_state, select
 
 _PRE = ("add_special_tokens", "continue_final_message", "chat_template", "prefix")
@@ -40,7 +40,9 @@ class TextGenerationPipeline(Pipeline):
 
     def __init__(self, model, tokenizer, *, config: dict | None = None, model_path=None, **params):
         self.generation_defaults = checkpoint_defaults(model_path) if model_path is not None else dict(config or {})
-        self.templates = chat.ChatTemplate.from_pretrained(model_path) if model_path is not None else chat.ChatTemplate()
+        self.templates = (
+            chat.ChatTemplate.from_pretrained(model_path) if model_path is not None else chat.ChatTemplate()
+        )
         super().__init__(model, tokenizer, config=config, model_path=model_path, **params)
         self._loop = None
         self._loop_lock = threading.Lock()
@@ -57,19 +59,28 @@ class TextGenerationPipeline(Pipeline):
             raise ValueError("return_text and return_tensors are mutually exclusive: give one of them")
         if pre.get("prefix") is not None and not isinstance(pre["prefix"], str):
             raise TypeError(f"prefix must be a string, got {type(pre['prefix']).__name__}")
-        GenerationParams.resolve(self.generation_defaults, max_context=self.max_length, **params)  # checks names, values
+        GenerationParams.resolve(
+            self.generation_defaults, max_context=self.max_length, **params
+        )  # checks names, values
         return pre, params, post
 
     # -- preprocess: a prompt or a chat -> prompt ids -------------------------------------------------------------
     def _is_single(self, inputs) -> bool:
         return isinstance(inputs, (str, bytes)) or chat.is_chat(inputs)
 
-    def preprocess(self, item, add_special_tokens: bool | None = None, continue_final_message: bool | None = None,
-                   chat_template: str | None = None, prefix: str | None = None) -> Features:  # fmt: skip
+    def preprocess(
+        self,
+        item,
+        add_special_tokens: bool | None = None,
+        continue_final_message: bool | None = None,
+        chat_template: str | None = None,
+        prefix: str | None = None,
+    ) -> Features:
         if chat.is_chat(item):
             messages = chat.check_messages(item)
-            text = chat.chat_prompt(self.templates, messages, continue_final_message=continue_final_message,
-                                    chat_template=chat_template)  # fmt: skip
+            text = chat.chat_prompt(
+                self.templates, messages, continue_final_message=continue_final_message, chat_template=chat_template
+            )
             ids = chat.encode_chat_prompt(self.tokenizer, text).input_ids
             prompt = {"messages": messages, "continue_final_message": continue_final_message}
         elif isinstance(item, str):
@@ -81,13 +92,16 @@ class TextGenerationPipeline(Pipeline):
         else:
             if isinstance(item, dict) and "role" in item:  # a message outside a list, or one without content
                 chat.check_messages([item])
-            raise TypeError(f"expected a prompt string or a chat (a list of {{'role', 'content'}} dicts), "
-                            f"got {type(item).__name__}")  # fmt: skip
+            raise TypeError(
+                f"expected a prompt string or a chat (a list of {{'role', 'content'}} dicts), got {type(item).__name__}"
+            )
         if not ids:
             raise ValueError("the prompt is empty (no tokens): generation needs at least one token to continue")
         if self.max_length is not None and len(ids) >= self.max_length:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_length} "
-                             "tokens: no room left to generate; shorten the prompt")  # fmt: skip
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_length} "
+                "tokens: no room left to generate; shorten the prompt"
+            )
         return {"input_ids": ids, **prompt}
 
     # -- the model step: the engine -------------------------------------------------------------------------------
@@ -95,16 +109,22 @@ class TextGenerationPipeline(Pipeline):
     def loop(self):
         """The background engine loop of this pipeline's model, started on first use."""
         if self.model is None:
-            raise RuntimeError("this TextGenerationPipeline was built without weights: it can preprocess and "
-                               "postprocess only")  # fmt: skip
+            raise RuntimeError(
+                "this TextGenerationPipeline was built without weights: it can preprocess and postprocess only"
+            )
         with self._loop_lock:
             if self._loop is None:
                 from pipelines.generation.engine import Engine
                 from pipelines.generation.loop import EngineLoop
 
-                engine = Engine(self.model, select=select, max_sequences=self.batch_size,
-                                max_batch_tokens=self.max_batch_tokens, kv_cache_tokens=self.runtime.kv_cache_tokens,
-                                max_length=self.max_length)  # fmt: skip
+                engine = Engine(
+                    self.model,
+                    select=select,
+                    max_sequences=self.batch_size,
+                    max_batch_tokens=self.max_batch_tokens,
+                    kv_cache_tokens=self.runtime.kv_cache_tokens,
+                    max_length=self.max_length,
+                )
                 self._loop = EngineLoop(engine)
             return self._loop
 
@@ -115,10 +135,21 @@ class TextGenerationPipeline(Pipeline):
         out = []
         for f in features:
             ids = list(f["input_ids"])
-            states = [sampler_state(resolved, len(ids), index=r, stop=stop)
-                      for r in range(resolved.num_return_sequences)]  # fmt: skip
-            out.append([dict(prompt_ids=ids, max_new_tokens=s.max_new_tokens, eos_token_ids=resolved.eos_token_id,
-                             stop=stop.after(ids) if stop else None, sampler_state=s) for s in states])  # fmt: skip
+            states = [
+                sampler_state(resolved, len(ids), index=r, stop=stop) for r in range(resolved.num_return_sequences)
+            ]
+            out.append(
+                [
+                    dict(
+                        prompt_ids=ids,
+                        max_new_tokens=s.max_new_tokens,
+                        eos_token_ids=resolved.eos_token_id,
+                        stop=stop.after(ids) if stop else None,
+                        sampler_state=s,
+                    )
+                    for s in states
+                ]
+            )
         return out
 
     def run_model(self, features, *, batch_size=None, max_batch_tokens=None, params=None) -> list[dict]:
@@ -134,8 +165,14 @@ class TextGenerationPipeline(Pipeline):
         return outputs
 
     # -- postprocess: ids -> text ----------------------------------------------------------------------------------
-    def postprocess(self, outputs: Features, return_full_text: bool | None = None, return_text: bool | None = None,
-                    return_tensors: bool | None = None, clean_up_tokenization_spaces: bool | None = None) -> list[dict]:  # fmt: skip
+    def postprocess(
+        self,
+        outputs: Features,
+        return_full_text: bool | None = None,
+        return_text: bool | None = None,
+        return_tensors: bool | None = None,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[dict]:
         """One dict per returned sequence: generated_token_ids (prompt + new ids) with return_tensors, else
         generated_text: the prompt (or the chat) with the new text, or the new text alone (return_full_text=False)."""
         tensors = bool(return_tensors) and return_full_text is None
@@ -152,7 +189,9 @@ class TextGenerationPipeline(Pipeline):
 
     def decode(self, ids: list[int], clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of generated ids, special tokens skipped; clean-up as the tokenizer config says unless given."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces
+        )
 
     def _full_text(self, outputs: Features, new: str):
         if outputs.get("messages") is not None:
@@ -185,4 +224,3 @@ class TextGenerationPipeline(Pipeline):
                 yield rest
         finally:
             self.loop.cancel(seq_id)
-

@@ -40,11 +40,14 @@ class TokenClassificationPipeline(ChunkPipeline):
     task = "token-classification"
     token_outputs = ("scores",)
 
-    def _sanitize_parameters(self, aggregation_strategy=None, ignore_labels=None, stride=None,
-                             is_split_into_words=False, **unknown):  # fmt: skip
+    def _sanitize_parameters(
+        self, aggregation_strategy=None, ignore_labels=None, stride=None, is_split_into_words=False, **unknown
+    ):
         if unknown:
-            raise TypeError(f"token-classification got unknown parameters {sorted(unknown)}; "
-                            "allowed: aggregation_strategy, ignore_labels, stride")  # fmt: skip
+            raise TypeError(
+                f"token-classification got unknown parameters {sorted(unknown)}; "
+                "allowed: aggregation_strategy, ignore_labels, stride"
+            )
         if is_split_into_words:
             raise ValueError("is_split_into_words=True is not supported: pass each text as one string")
         pre, post = {}, {}
@@ -67,11 +70,15 @@ class TokenClassificationPipeline(ChunkPipeline):
         if self.max_length is not None:
             room = self.max_length - self.tokenizer.num_special_tokens()
             if stride >= room:
-                raise ValueError(f"stride must be less than {room}: the model's {self.max_length} tokens "
-                                 f"less {self.max_length - room} special tokens, got {stride}")  # fmt: skip
+                raise ValueError(
+                    f"stride must be less than {room}: the model's {self.max_length} tokens "
+                    f"less {self.max_length - room} special tokens, got {stride}"
+                )
         if strategy == "none":
-            raise ValueError('stride covers the whole text by overlapping windows; it needs an aggregation_strategy '
-                             f'other than "none" (one of {AGGREGATIONS[1:]})')  # fmt: skip
+            raise ValueError(
+                "stride covers the whole text by overlapping windows; it needs an aggregation_strategy "
+                f'other than "none" (one of {AGGREGATIONS[1:]})'
+            )
         return stride
 
     def preprocess(self, item, stride=None):
@@ -80,8 +87,12 @@ class TokenClassificationPipeline(ChunkPipeline):
         else:
             encodings = self.encode_text(item, stride=stride, return_overflowing=True)
         for i, encoding in enumerate(encodings):
-            yield {**encoding.model_inputs(), "offsets": encoding.offsets,
-                   "special_tokens_mask": encoding.special_tokens_mask, "text": item if i == 0 else None}  # fmt: skip
+            yield {
+                **encoding.model_inputs(),
+                "offsets": encoding.offsets,
+                "special_tokens_mask": encoding.special_tokens_mask,
+                "text": item if i == 0 else None,
+            }
 
     def _forward(self, inputs):
         return {"scores": torch.softmax(self.model(**inputs).float(), dim=-1)}  # (B, T, num_labels)
@@ -121,14 +132,28 @@ class TokenClassificationPipeline(ChunkPipeline):
                 is_subword = start > 0 and " " not in text[start - 1 : start + 1]
             if token_id == unk:
                 word, is_subword = text[start:end], False
-            tokens.append({"word": word, "scores": rows[index], "start": start, "end": end, "index": index,
-                           "is_subword": is_subword})  # fmt: skip
+            tokens.append(
+                {
+                    "word": word,
+                    "scores": rows[index],
+                    "start": start,
+                    "end": end,
+                    "index": index,
+                    "is_subword": is_subword,
+                }
+            )
         return tokens
 
     def _token_entity(self, token: dict) -> dict:
         best = _argmax(token["scores"])
-        return {"entity": self.labels[best], "score": token["scores"][best], "index": token["index"],
-                "word": token["word"], "start": token["start"], "end": token["end"]}  # fmt: skip
+        return {
+            "entity": self.labels[best],
+            "score": token["scores"][best],
+            "index": token["index"],
+            "word": token["word"],
+            "start": token["start"],
+            "end": token["end"],
+        }
 
     def _words(self, tokens: list[dict], strategy: str) -> list[dict]:
         """Tokens merged into words, each word one label (that of its first or most confident token, or of the mean)."""
@@ -148,8 +173,15 @@ class TokenClassificationPipeline(ChunkPipeline):
                 scores = [sum(column) / len(word) for column in zip(*(t["scores"] for t in word))]
             best = _argmax(scores)
             text = self.tokenizer.convert_tokens_to_string([t["word"] for t in word])
-            merged.append({"entity": self.labels[best], "score": scores[best], "word": text,
-                           "start": word[0]["start"], "end": word[-1]["end"]})  # fmt: skip
+            merged.append(
+                {
+                    "entity": self.labels[best],
+                    "score": scores[best],
+                    "word": text,
+                    "start": word[0]["start"],
+                    "end": word[-1]["end"],
+                }
+            )
         return merged
 
     def _group(self, entities: list[dict]) -> list[dict]:
@@ -161,10 +193,16 @@ class TokenClassificationPipeline(ChunkPipeline):
                 groups[-1].append(entity)
             else:
                 groups.append([entity])
-        return [{"entity_group": group[0]["entity"].split("-", 1)[-1],
-                 "score": sum(e["score"] for e in group) / len(group),
-                 "word": self.tokenizer.convert_tokens_to_string([e["word"] for e in group]),
-                 "start": group[0]["start"], "end": group[-1]["end"]} for group in groups]  # fmt: skip
+        return [
+            {
+                "entity_group": group[0]["entity"].split("-", 1)[-1],
+                "score": sum(e["score"] for e in group) / len(group),
+                "word": self.tokenizer.convert_tokens_to_string([e["word"] for e in group]),
+                "start": group[0]["start"],
+                "end": group[-1]["end"],
+            }
+            for group in groups
+        ]
 
     @functools.cached_property
     def labels(self) -> list[str]:

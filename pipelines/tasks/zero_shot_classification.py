@@ -39,8 +39,11 @@ class ZeroShotClassificationPipeline(ChunkPipeline):
         super().__init__(*args, **kwargs)
         self.entailment_id = self._entailment_id()
         if self.entailment_id == -1:
-            logger.warning("no label starting with 'entail' in the model's label2id %s; using the last class as "
-                           "entailment: give config.json a descriptive label2id", self._label2id())  # fmt: skip
+            logger.warning(
+                "no label starting with 'entail' in the model's label2id %s; using the last class as "
+                "entailment: give config.json a descriptive label2id",
+                self._label2id(),
+            )
 
     def _label2id(self) -> dict[str, int]:
         if self.config.get("label2id"):
@@ -58,8 +61,10 @@ class ZeroShotClassificationPipeline(ChunkPipeline):
 
     def _sanitize_parameters(self, candidate_labels=None, hypothesis_template=None, multi_label=None, **unknown):
         if unknown:
-            raise TypeError(f"zero-shot-classification got unknown parameters {sorted(unknown)}; "
-                            "allowed: candidate_labels, hypothesis_template, multi_label")  # fmt: skip
+            raise TypeError(
+                f"zero-shot-classification got unknown parameters {sorted(unknown)}; "
+                "allowed: candidate_labels, hypothesis_template, multi_label"
+            )
         pre, post = {}, {}
         if candidate_labels is not None:
             pre["candidate_labels"] = _parse_labels(candidate_labels)
@@ -99,9 +104,11 @@ class ZeroShotClassificationPipeline(ChunkPipeline):
         hypothesis_tokens = len(self.tokenizer.encode(hypothesis, add_special_tokens=False))
         needed = hypothesis_tokens + self.tokenizer.num_special_tokens(True)
         if needed > self.max_length:
-            raise ValueError(f"the hypothesis {hypothesis!r} takes {needed} of the model's {self.max_length} "
-                             "tokens with the special tokens, leaving none for the sequence; shorten the label "
-                             "or the template")  # fmt: skip
+            raise ValueError(
+                f"the hypothesis {hypothesis!r} takes {needed} of the model's {self.max_length} "
+                "tokens with the special tokens, leaving none for the sequence; shorten the label "
+                "or the template"
+            )
 
     def _forward(self, inputs):
         return {"logits": self.model(**inputs)}  # (B, num_labels)
@@ -118,8 +125,11 @@ class ZeroShotClassificationPipeline(ChunkPipeline):
         scores = scores.tolist()
         # as transformers: ascending (stable) order reversed, so equal scores list the later label first
         order = sorted(range(len(labels)), key=scores.__getitem__)[::-1]
-        return {"sequence": chunks[0]["sequence"], "labels": [labels[i] for i in order],
-                "scores": [scores[i] for i in order]}  # fmt: skip
+        return {
+            "sequence": chunks[0]["sequence"],
+            "labels": [labels[i] for i in order],
+            "scores": [scores[i] for i in order],
+        }
 
 
 def _parse_labels(labels) -> list[str]:

@@ -25,16 +25,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import transformers.pipelines.question_answering as hf_qa  # noqa: E402
+import torch  # noqa: E402 - after the sys.path entry above
+import transformers  # noqa: E402 - after the sys.path entry above
+import transformers.pipelines.question_answering as hf_qa  # noqa: E402 - after the sys.path entry above
 
-from tests.checkpoints import _CORPUS, SENTENCES, make_checkpoint  # noqa: E402
+from tests.checkpoints import _CORPUS, SENTENCES, make_checkpoint  # noqa: E402 - after the sys.path entry above
 
 OUT = ROOT / "tests" / "data" / "qa_reference"
 FAMILIES = ("bert", "roberta")  # WordPiece and byte-level BPE
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json")  # fmt: skip
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 SHORT = [
     {"question": "What is the capital of France?", "context": "Paris is the capital and the largest city of France."},
@@ -72,12 +77,18 @@ CASES = [
     ("one_dict", SHORT[1], {}),
     ("one_item_list", [SHORT[1]], {"top_k": 3}),
     ("keywords", {"keywords": {"question": SHORT[0]["question"], "context": SHORT[0]["context"]}}, {}),
-    ("keywords_questions_one_context",
-     {"keywords": {"question": ["Who lives in New York?", "What is my name?"], "context": SHORT[1]["context"]}}, {}),
-    ("keywords_lists", {"keywords": {"question": [d["question"] for d in SHORT[:3]],
-                                     "context": [d["context"] for d in SHORT[:3]]}}, {"top_k": 2}),
+    (
+        "keywords_questions_one_context",
+        {"keywords": {"question": ["Who lives in New York?", "What is my name?"], "context": SHORT[1]["context"]}},
+        {},
+    ),
+    (
+        "keywords_lists",
+        {"keywords": {"question": [d["question"] for d in SHORT[:3]], "context": [d["context"] for d in SHORT[:3]]}},
+        {"top_k": 2},
+    ),
     ("few_spans_top_k_5", {"question": "What?", "context": "Paris."}, {"top_k": 5}),
-]  # fmt: skip
+]
 
 
 class Recorder:
@@ -116,8 +127,7 @@ def run_case(pipe, inputs, params) -> dict:
             call = {"inputs": inputs}
     finally:
         recorder.restore()
-    return {**call, "params": params, "output": output, "chunks": recorder.chunks,
-            "zero_score_filler": recorder.filler}  # fmt: skip
+    return {**call, "params": params, "output": output, "chunks": recorder.chunks, "zero_score_filler": recorder.filler}
 
 
 def make_family(family: str, rebuild: bool) -> None:
@@ -129,8 +139,10 @@ def make_family(family: str, rebuild: bool) -> None:
     reference = {"transformers": transformers.__version__, "torch": torch.__version__, "family": family, "cases": cases}
     (folder / "reference.json").write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n")
     fillers = [c["name"] for c in cases if c["zero_score_filler"]]
-    print(f"{family}: {len(cases)} cases into {folder}; chunks per input {[c['chunks'] for c in cases]}; "
-          f"score-0 filler in {fillers}")
+    print(
+        f"{family}: {len(cases)} cases into {folder}; chunks per input {[c['chunks'] for c in cases]}; "
+        f"score-0 filler in {fillers}"
+    )
 
 
 def main() -> None:

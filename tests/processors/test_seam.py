@@ -52,8 +52,14 @@ def test_a_wrong_input_type_names_the_input_and_what_is_allowed(folder):
 def test_bytes_travel_through_the_ray_stages_in_a_binary_column(folder):
     """The three stage functions over a pa.binary() column give the in-process answers; the bad row is recorded
     with its reason and the others are kept."""
-    spec = StageSpec(task="byte-stats", model=str(folder), column="data", output_column="stats", error_column="error",
-                     runtime=RuntimeConfig(device="cpu"))  # fmt: skip
+    spec = StageSpec(
+        task="byte-stats",
+        model=str(folder),
+        column="data",
+        output_column="stats",
+        error_column="error",
+        runtime=RuntimeConfig(device="cpu"),
+    )
     table = pa.table({"data": pa.array(INPUTS[:4] + [b""], type=pa.binary())})
     out = postprocess_batch(ModelStage(spec)(preprocess_batch(table, spec)), spec).to_pylist()
     for data, row in zip(INPUTS[:4], out):
