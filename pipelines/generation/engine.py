@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from pipelines import layers
+from pipelines.runtime import DEVICE_DEFAULTS
 
 CACHE_BLOCK = 256  # cache capacity grows in multiples of this many positions
 FINISH_REASONS = ("stop", "length")
@@ -100,6 +101,8 @@ class Engine:
     model: a loaded causal LM whose config has `max_input_length`, `cache_shape` and `vocab_size`.
     device, dtype: where the KV cache lives and its dtype (default: the model's embeddings').
     max_length: the longest sequence, prompt + generated (default: the model's `max_input_length`).
+    max_batch_tokens (prompt tokens prefilled per step), max_sequences (sequences running at once): default from
+    DEVICE_DEFAULTS for the cache's device.
     """
 
     def __init__(
@@ -109,8 +112,8 @@ class Engine:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         select: Select = greedy,
-        max_batch_tokens: int = 2048,
-        max_sequences: int = 64,
+        max_batch_tokens: int | None = None,
+        max_sequences: int | None = None,
         kv_cache_tokens: int | None = None,
         max_length: int | None = None,
     ):
@@ -120,7 +123,9 @@ class Engine:
         self.device = torch.device(device) if device is not None else floats[0].device
         self.dtype = dtype or floats[0].dtype
         self.max_length = max_length or config.max_input_length
-        self.max_batch_tokens, self.max_sequences = max_batch_tokens, max_sequences
+        defaults = DEVICE_DEFAULTS[self.device.type]
+        self.max_batch_tokens = max_batch_tokens or defaults.prefill_tokens
+        self.max_sequences = max_sequences = max_sequences or defaults.max_sequences
         self.kv_cache_tokens = kv_cache_tokens or max_sequences * self.max_length
         for name in ("max_batch_tokens", "max_sequences", "kv_cache_tokens", "max_length"):
             if getattr(self, name) < 1:
