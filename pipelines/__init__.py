@@ -10,9 +10,19 @@ run_pipeline(ray.data.read_parquet(...), "sentence-embeddings").write_parquet(..
 
 from pipelines.base import ChunkPipeline, Pipeline
 from pipelines.factory import pipeline
+from pipelines.processors import register_processor
 from pipelines.registry import register_pipeline
+from pipelines.runtime import RuntimeConfig
 
-__all__ = ["ChunkPipeline", "Pipeline", "pipeline", "register_pipeline", "run_pipeline"]
+__all__ = [
+    "ChunkPipeline",
+    "Pipeline",
+    "RuntimeConfig",
+    "pipeline",
+    "register_pipeline",
+    "register_processor",
+    "run_pipeline",
+]
 
 
 def __getattr__(name):
