@@ -3,8 +3,8 @@
 resolve      a local folder, or a Hub id through the huggingface_hub cache (HF_HOME, HF_HUB_CACHE and
              HF_HUB_OFFLINE are honoured by huggingface_hub itself; `revision` pins a branch, tag or commit)
 build        the class's config dataclass from config.json, the module built on the meta device (no memory)
-stream       safetensors files (single or sharded) read tensor by tensor, renamed by the family's table,
-             cast to `dtype`, checked strictly against the module (missing, unexpected, wrong shape)
+stream       safetensors files (single or sharded) read tensor by tensor, renamed by the class's `WeightsMapper`
+             (the family file's tables), cast to `dtype`, checked strictly (missing, unexpected, wrong shape)
 place        `device`, or `device_map` through accelerate (auto / balanced / dict, max_memory, disk offload),
              and optional int8 weight-only quantization of the linear layers
 No remote code is ever run. Pickled `.bin` weights are refused unless `allow_pickle=True`, and then read
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,7 @@ from pipelines.runtime import RuntimeConfig
 logger = logging.getLogger(__name__)
 
 # What a model folder may need: weights are chosen after listing (safetensors preferred over pickles).
-HUB_PATTERNS = [
-    "*.json", "*.txt", "*.model", "*.safetensors", "*/config.json", "*/*.safetensors",
-]  # fmt: skip
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*/config.json", "*/*.safetensors"]
 
 
 class CheckpointError(ValueError):
@@ -66,11 +65,25 @@ def read_config(folder: Path) -> dict:
         return json.load(f)
 
 
+def read_id2label(config: dict) -> tuple[str, ...]:
+    """config.json's `id2label` as a tuple indexed by class id; `num_labels` (default 2) LABEL_i names without one.
+
+    Shared by the families' `from_hf`; ValueError when the ids are not exactly 0..n-1."""
+    if config.get("id2label"):
+        id2label = {int(i): label for i, label in config["id2label"].items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
+        return tuple(id2label[i] for i in range(len(id2label)))
+    return tuple(f"LABEL_{i}" for i in range(config.get("num_labels", 2)))
+
+
 # -- weights ----------------------------------------------------------------------------------------------
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     """The checkpoint files of `folder`, safetensors first; pickles only with `allow_pickle`."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index, file = folder / index_name, folder / single
         if index.is_file():
             with open(index, encoding="utf-8") as f:
@@ -101,19 +114,91 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
-    """Stream checkpoint tensors into a meta-built `model`, renamed by its class's table, strictly checked.
+@dataclass(frozen=True)
+class WeightsMapper:
+    """How one class's checkpoint keys become its state_dict keys: tables from the family file, applied here.
 
-    A class may define `convert_checkpoint_tensor(name, tensor)` for tensors stored in another layout (GPT-2's
-    Conv1D weights); it is called with our key before the shape check.
+    Every checkpoint key goes through these steps, in order (vLLM's weights mapper has the same shape):
+
+    1. `keys` (a whole key) and `suffixes` (a key's ending) rename it, or drop it where the new name is None:
+       TF-era names (`LayerNorm.gamma`), legacy buffers (`position_ids`), copies of tied weights;
+    2. a key of a bare base-model checkpoint (it starts with one of `base_parts`) gets `prefix`, the name the
+       base model has inside a head class (`bert.`), so both checkpoint kinds read alike from here on;
+    3. a key under one of `head_parts` (the parts only some classes have) is dropped unless it is under one of the
+       `owned` parts: a classifier checkpoint loads into the bare encoder, a pretraining checkpoint's pooler and
+       next-sentence head are skipped by the masked-LM class;
+    4. for the base model itself (`bare`), `prefix` is removed.
+
+    The family file declares one mapper per family and narrows it per class with `for_base_model()` and
+    `for_head(...)`. `convert(name, tensor)` is the family's tensor hook, called with our key for tensors stored in
+    another layout (GPT-2's Conv1D weights are transposed). A class without a `weights_mapper` loads its keys as
+    stored.
+    """
+
+    prefix: str = ""
+    base_parts: tuple[str, ...] = ()
+    keys: Mapping[str, str | None] = field(default_factory=dict)
+    suffixes: Mapping[str, str | None] = field(default_factory=dict)
+    head_parts: tuple[str, ...] = ()
+    owned: tuple[str, ...] = ()
+    bare: bool = False
+    tensor_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.base_parts and not self.prefix.endswith("."):
+            raise ValueError(f"WeightsMapper prefix must end with '.', got {self.prefix!r}")
+        foreign = [part for part in self.owned if not _under(part, self.head_parts)]
+        if foreign:
+            raise ValueError(f"owned parts {foreign} are not among this family's head parts {list(self.head_parts)}")
+
+    def for_base_model(self) -> WeightsMapper:
+        """The mapper of the family's base model: every head dropped, the prefix removed."""
+        return replace(self, owned=(), bare=True)
+
+    def for_head(self, *parts: str) -> WeightsMapper:
+        """The mapper of a head class that has `parts` (some of `head_parts`, or parts under them)."""
+        return replace(self, owned=parts, bare=False)
+
+    def rename(self, key: str) -> str | None:
+        """A checkpoint key as the class's state_dict key; None for a key the class does not use."""
+        if key in self.keys:
+            key = self.keys[key]
+            if key is None:
+                return None
+        for old, new in self.suffixes.items():
+            if key.endswith(old):
+                if new is None:
+                    return None
+                key = key[: -len(old)] + new
+        if _under(key, self.base_parts):
+            key = self.prefix + key
+        if _under(key, self.head_parts) and not _under(key, self.owned):
+            return None
+        return key.removeprefix(self.prefix) if self.bare else key
+
+    def convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The checkpoint tensor in the layout of our key `name` (the family's tensor hook; as stored without one)."""
+        return tensor if self.tensor_hook is None else self.tensor_hook(name, tensor)
+
+
+def _under(key: str, parts: tuple[str, ...]) -> bool:
+    """Whether `key` is one of `parts` or lies below one of them (a whole dotted component, never a substring)."""
+    return any(key == part or key.startswith(part + ".") for part in parts)
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
+    """Stream checkpoint tensors into a meta-built `model`, renamed by its class's `weights_mapper`, strictly checked.
+
+    Weights a checkpoint omits because they are tied (`tied_weights`: our key -> the key it copies) are filled in
+    only when the config's `tie_word_embeddings` (default true) says so; otherwise they are missing, and reported.
     """
     cls = type(model)
-    expected = {k: v for k, v in model.state_dict().items()}
-    convert = getattr(cls, "convert_checkpoint_tensor", None)
+    mapper: WeightsMapper = getattr(cls, "weights_mapper", None) or WeightsMapper()
+    expected = dict(model.state_dict())
     loaded: dict[str, torch.Tensor] = {}
     dropped = []
     for key, tensor in iter_tensors(files):
-        name = cls.rename_checkpoint_key(key)
+        name = mapper.rename(key)
         if name is None:
             dropped.append(key)
             continue
@@ -122,8 +207,7 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
                 f"checkpoint key {key!r} (as {name!r}) has no place in {cls.__name__}; "
                 f"its weights are: {_sample(expected)}"
             )
-        if convert is not None:
-            tensor = convert(name, tensor)
+        tensor = mapper.convert(name, tensor)
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, {cls.__name__}.{name} needs "
@@ -141,7 +225,9 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
             f"({len(missing)} missing in all: {_sample(missing)}); the checkpoint has: {_sample(loaded)}"
         )
     if dropped:
-        logger.info("%s: ignored %d checkpoint keys not used by this head: %s", cls.__name__, len(dropped), _sample(dropped))
+        logger.info(
+            "%s: ignored %d checkpoint keys not used by this class: %s", cls.__name__, len(dropped), _sample(dropped)
+        )
     model.load_state_dict(loaded, strict=True, assign=True)
 
 
@@ -203,10 +289,16 @@ def dispatch(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:
         no_split = sorted({type(m).__name__ for ml in model.modules() if isinstance(ml, nn.ModuleList) for m in ml})
         max_memory = runtime.max_memory
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             dtype=runtime.dtype, low_zero=device_map == "balanced_low_0")  # fmt: skip
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                           dtype=runtime.dtype)  # fmt: skip
+            max_memory = get_balanced_memory(
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=no_split,
+                dtype=runtime.dtype,
+                low_zero=device_map == "balanced_low_0",
+            )
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=runtime.dtype
+        )
     if "disk" in device_map.values() and runtime.offload_folder is None:
         raise ValueError("device_map offloads to 'disk': pass offload_folder=PATH for the offloaded weights")
     model = dispatch_model(model, device_map=device_map, offload_dir=runtime.offload_folder)

@@ -10,7 +10,7 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 
-from pipelines.models import bert, distilbert, gpt2, llama, roberta
+from pipelines.models import bert, distilbert, gpt2, llama
 from pipelines.tasks.feature_extraction import FeatureExtractionPipeline
 from pipelines.tasks.sentence_embeddings import SentenceEmbeddingsPipeline
 from pipelines.tasks.text_classification import TextClassificationPipeline
@@ -19,17 +19,21 @@ HEADS = ("base", "sequence-classification", "token-classification", "question-an
 
 
 def _family(module, prefix: str) -> dict:
-    suffixes = {"base": "Model", "sequence-classification": "ForSequenceClassification",
-                "token-classification": "ForTokenClassification",
-                "question-answering": "ForQuestionAnswering", "masked-lm": "ForMaskedLM"}  # fmt: skip
+    suffixes = {
+        "base": "Model",
+        "sequence-classification": "ForSequenceClassification",
+        "token-classification": "ForTokenClassification",
+        "question-answering": "ForQuestionAnswering",
+        "masked-lm": "ForMaskedLM",
+    }
     return {head: getattr(module, prefix + suffix) for head, suffix in suffixes.items()}
 
 
 # config.json `model_type` -> head -> class
 MODEL_CLASSES: dict[str, dict[str, type]] = {
     "bert": _family(bert, "Bert"),
-    "roberta": _family(roberta, "Roberta"),
-    "xlm-roberta": _family(roberta, "XLMRoberta"),
+    "roberta": _family(bert, "Roberta"),
+    "xlm-roberta": _family(bert, "XLMRoberta"),
     "distilbert": _family(distilbert, "DistilBert"),
     "gpt2": {"causal-lm": gpt2.GPT2LMHeadModel},
     "llama": {"causal-lm": llama.LlamaForCausalLM},
@@ -68,23 +72,37 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "text-classification": TaskSpec(TextClassificationPipeline, "sequence-classification",
-                                    "distilbert/distilbert-base-uncased-finetuned-sst-2-english", ("sentiment-analysis",)),
+    "text-classification": TaskSpec(
+        TextClassificationPipeline,
+        "sequence-classification",
+        "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        ("sentiment-analysis",),
+    ),
     "feature-extraction": TaskSpec(FeatureExtractionPipeline, "base", "distilbert/distilbert-base-cased"),
-    "sentence-embeddings": TaskSpec(SentenceEmbeddingsPipeline, "base", "sentence-transformers/all-MiniLM-L6-v2",
-                                    ("embeddings",)),
-    "token-classification": TaskSpec("pipelines.tasks.token_classification:TokenClassificationPipeline",
-                                     "token-classification", "dbmdz/bert-large-cased-finetuned-conll03-english",
-                                     ("ner",)),
-    "question-answering": TaskSpec("pipelines.tasks.question_answering:QuestionAnsweringPipeline",
-                                   "question-answering", "distilbert/distilbert-base-cased-distilled-squad"),
-    "fill-mask": TaskSpec("pipelines.tasks.fill_mask:FillMaskPipeline", "masked-lm",
-                          "distilbert/distilroberta-base"),
-    "zero-shot-classification": TaskSpec("pipelines.tasks.zero_shot_classification:ZeroShotClassificationPipeline",
-                                         "sequence-classification", "cross-encoder/nli-distilroberta-base"),
-    "text-generation": TaskSpec("pipelines.tasks.text_generation:TextGenerationPipeline", "causal-lm",
-                                "openai-community/gpt2"),
-}  # fmt: skip
+    "sentence-embeddings": TaskSpec(
+        SentenceEmbeddingsPipeline, "base", "sentence-transformers/all-MiniLM-L6-v2", ("embeddings",)
+    ),
+    "token-classification": TaskSpec(
+        "pipelines.tasks.token_classification:TokenClassificationPipeline",
+        "token-classification",
+        "dbmdz/bert-large-cased-finetuned-conll03-english",
+        ("ner",),
+    ),
+    "question-answering": TaskSpec(
+        "pipelines.tasks.question_answering:QuestionAnsweringPipeline",
+        "question-answering",
+        "distilbert/distilbert-base-cased-distilled-squad",
+    ),
+    "fill-mask": TaskSpec("pipelines.tasks.fill_mask:FillMaskPipeline", "masked-lm", "distilbert/distilroberta-base"),
+    "zero-shot-classification": TaskSpec(
+        "pipelines.tasks.zero_shot_classification:ZeroShotClassificationPipeline",
+        "sequence-classification",
+        "cross-encoder/nli-distilroberta-base",
+    ),
+    "text-generation": TaskSpec(
+        "pipelines.tasks.text_generation:TextGenerationPipeline", "causal-lm", "openai-community/gpt2"
+    ),
+}
 
 
 def aliases() -> dict[str, str]:
@@ -114,12 +132,16 @@ def model_class(task: str, config: dict) -> type:
         table = spec.model_classes
     else:
         if model_type not in MODEL_CLASSES:
-            raise ValueError(f"unsupported model_type {model_type!r} (architectures {config.get('architectures')}); "
-                             f"supported: {sorted(MODEL_CLASSES)} with architectures {sorted(ARCHITECTURES)}")  # fmt: skip
+            raise ValueError(
+                f"unsupported model_type {model_type!r} (architectures {config.get('architectures')}); "
+                f"supported: {sorted(MODEL_CLASSES)} with architectures {sorted(ARCHITECTURES)}"
+            )
         heads = MODEL_CLASSES[model_type]
         if spec.model_classes not in heads:
-            raise ValueError(f"task {task!r} needs a {spec.model_classes!r} model; model_type {model_type!r} "
-                             f"has only {sorted(heads)}")  # fmt: skip
+            raise ValueError(
+                f"task {task!r} needs a {spec.model_classes!r} model; model_type {model_type!r} "
+                f"has only {sorted(heads)}"
+            )
         table = {model_type: heads[spec.model_classes]}
     if model_type not in table:
         raise ValueError(f"task {task!r} supports model types {sorted(table)}, not {model_type!r}")
@@ -137,13 +159,15 @@ def infer_task(config: dict, has_sentence_transformers_files: bool) -> str:
         raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
     task = HEAD_TASKS[ARCHITECTURES[archs[0]][1]]
     if task not in TASKS:
-        raise ValueError(f"architecture {archs[0]} serves task {task!r}, which is not available yet; "
-                         f"available: {sorted(TASKS)}")  # fmt: skip
+        raise ValueError(
+            f"architecture {archs[0]} serves task {task!r}, which is not available yet; available: {sorted(TASKS)}"
+        )
     return task
 
 
-def register_pipeline(task: str, pipeline_class: type, model_classes=None, *, default: str | None = None,
-                      aliases: tuple[str, ...] = ()) -> None:  # fmt: skip
+def register_pipeline(
+    task: str, pipeline_class: type, model_classes=None, *, default: str | None = None, aliases: tuple[str, ...] = ()
+) -> None:
     """Add (or replace) a task. `model_classes`: a head name from HEADS (any family's class for that head),
     a dict {model_type: class}, or None for a pipeline that needs no model weights."""
     if isinstance(model_classes, str) and model_classes not in HEADS:

@@ -2,8 +2,8 @@
 
 `make_checkpoint(path, family, head)` writes what the Hub would hold for a model: config.json, safetensors
 (optionally sharded), tokenizer.json plus tokenizer_config.json and special_tokens_map.json, so that both our
-loader and `transformers.AutoModel*/AutoTokenizer/pipeline` read the same folder. `load_native` is a minimal
-loader for model parity tests (the real one is pipelines/loading.py).
+loader and `transformers.AutoModel*/AutoTokenizer/pipeline` read the same folder. Model parity tests load our
+classes with `load_ours` (the real loader, pipelines/loading.py) and the oracle's with `load_reference`.
 
 Decoders (`DECODER_FAMILIES`, head "causal-lm") get their family's tokenizer style and a chat template in
 tokenizer_config.json; config overrides pass through (`make_checkpoint(p, "llama", "causal-lm", rope_scaling=...)`).
@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from pipelines.loading import load_model
+from pipelines.runtime import RuntimeConfig
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
 HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm")
@@ -146,8 +148,13 @@ def _special_tokens(family: str) -> dict[str, str]:
         names = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
         return dict(zip(names, ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")))
     return {
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-        "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "cls_token": "<s>",
+        "mask_token": "<mask>",
     }
 
 
@@ -237,31 +244,11 @@ def make_checkpoint(
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [path / "model.safetensors"]
-
-
-def load_native(path, cls) -> torch.nn.Module:
-    """Our model class `cls` from a Hugging Face folder: meta build, renamed keys, tied weights, strict load."""
-    path = Path(path)
-    config = cls.config_class.from_hf(json.loads((path / "config.json").read_text()))
-    with torch.device("meta"):
-        model = cls(config)
-    state = {}
-    for file in _weight_files(path):
-        for key, tensor in load_file(file).items():
-            name = cls.rename_checkpoint_key(key)
-            if name is not None:
-                convert = getattr(cls, "convert_checkpoint_tensor", None)
-                state[name] = tensor if convert is None else convert(name, tensor)
-    for target, source in cls.tied_weights.items():
-        if target not in state:
-            state[target] = state[source]
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+def load_ours(path, cls, **runtime) -> torch.nn.Module:
+    """Our class `cls` from a Hugging Face folder through the real loader (`pipelines.loading.load_model`): meta
+    build, the class's weights mapper, tied weights as config.json's tie_word_embeddings says, strict checks.
+    float32 on the CPU unless `runtime` (RuntimeConfig fields: dtype=, device=, ...) says otherwise."""
+    return load_model(Path(path), cls, RuntimeConfig.create(**runtime))
 
 
 def load_reference(path, head: str = "base") -> torch.nn.Module:
@@ -353,8 +340,9 @@ _MISTRAL_TEMPLATE = (
 
 
 def _train_bpe(tok: Tokenizer, specials: list[str], vocab_size: int, alphabet: list[str] = ()) -> Tokenizer:
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(alphabet),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(alphabet), show_progress=False
+    )
     texts = SENTENCES + _CORPUS + PROMPTS + [m["content"] for m in CHAT]
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -374,10 +362,12 @@ def _qwen2_tokenizer() -> Tokenizer:
     """Qwen2 style: NFC, its split regex, byte-level BPE; <|endoftext|>, <|im_start|>, <|im_end|> special."""
     tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     _train_bpe(tok, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 400, pre_tokenizers.ByteLevel.alphabet())
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -399,9 +389,14 @@ def _llama_tokenizer() -> Tokenizer:
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = metaspace
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])  # fmt: skip
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
     )
@@ -436,13 +431,23 @@ def write_decoder_tokenizer(path: Path, family: str) -> Tokenizer:
     specials = _DECODER_SPECIALS[family]
     added = {
         str(tokenizer.token_to_id(t.content)): {
-            "content": t.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "content": t.content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
             "special": True,
         }
         for t in tokenizer.get_added_tokens_decoder().values()
-    }  # fmt: skip
-    config = {**specials, "added_tokens_decoder": added, "model_max_length": 128, "padding_side": "right",
-              "tokenizer_class": tokenizer_class, "clean_up_tokenization_spaces": False}  # fmt: skip
+    }
+    config = {
+        **specials,
+        "added_tokens_decoder": added,
+        "model_max_length": 128,
+        "padding_side": "right",
+        "tokenizer_class": tokenizer_class,
+        "clean_up_tokenization_spaces": False,
+    }
     if family in ("llama", "mistral"):
         config.update(add_bos_token=True, add_eos_token=False, legacy=False, add_prefix_space=True)
     else:
@@ -459,11 +464,24 @@ def _hf_decoder_config(family: str, tokenizer: Tokenizer, overrides: dict):
 
     if family == "gpt2":
         eos = tokenizer.token_to_id("<|endoftext|>")
-        sizes = {"n_embd": 32, "n_head": 4, "n_inner": 37, "n_layer": 2, "n_positions": 128,
-                 "bos_token_id": eos, "eos_token_id": eos}  # fmt: skip
+        sizes = {
+            "n_embd": 32,
+            "n_head": 4,
+            "n_inner": 37,
+            "n_layer": 2,
+            "n_positions": 128,
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+        }
     else:
-        sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 37,
-                 "num_hidden_layers": 2, "max_position_embeddings": 128}  # fmt: skip
+        sizes = {
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 128,
+        }
     if family in ("llama", "mistral"):
         sizes.update(bos_token_id=1, eos_token_id=2)
     if family == "qwen2":
@@ -473,8 +491,15 @@ def _hf_decoder_config(family: str, tokenizer: Tokenizer, overrides: dict):
     return transformers.AutoConfig.for_model(family, **{"vocab_size": vocab_size, **sizes, **overrides})
 
 
-def make_decoder_checkpoint(path, family: str, head: str = "causal-lm", *, sharded: bool = False,
-                            dtype: torch.dtype | None = None, **config_overrides) -> Path:  # fmt: skip
+def make_decoder_checkpoint(
+    path,
+    family: str,
+    head: str = "causal-lm",
+    *,
+    sharded: bool = False,
+    dtype: torch.dtype | None = None,
+    **config_overrides,
+) -> Path:
     """Write a tiny random causal LM of `family` (with its tokenizer and chat template) into `path`.
     Config overrides pass through to transformers, e.g. rope_scaling={...}, sliding_window=5, tie_word_embeddings."""
     import transformers
@@ -505,8 +530,15 @@ def cached_logits(model, input_ids: torch.Tensor, prefill: int, chunk: int = 1) 
 
     B, T = input_ids.shape
     n_layers, n_kv, head_dim = model.config.cache_shape
-    cache = layers.KVCache(n_layers, n_kv, head_dim, slots=B + 1, capacity=T + 3, device=input_ids.device,
-                           dtype=next(model.parameters()).dtype)  # fmt: skip
+    cache = layers.KVCache(
+        n_layers,
+        n_kv,
+        head_dim,
+        slots=B + 1,
+        capacity=T + 3,
+        device=input_ids.device,
+        dtype=next(model.parameters()).dtype,
+    )
     with torch.no_grad():
         out = [model(input_ids[:, :prefill], cache=cache.rows(0, prefill, prefill=True))]
         for start in range(prefill, T, chunk):

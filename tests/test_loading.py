@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import pipeline
 from pipelines.hub import import_folder
-from pipelines.loading import CheckpointError
+from pipelines.loading import CheckpointError, WeightsMapper
+from pipelines.models.bert import BertForMaskedLM
 from pipelines.runtime import RuntimeConfig, parse_device, parse_dtype
-from tests.checkpoints import SENTENCES, load_reference
+from tests.checkpoints import SENTENCES, assert_parity, encode, load_ours, load_reference
 
 
 def _reference_logits(path, texts):
@@ -36,8 +37,9 @@ def test_sharded_checkpoint_loads_equal(checkpoint):
     """A sharded safetensors checkpoint (index + shards) gives the reference logits within 1e-4."""
     path = checkpoint("roberta", "sequence-classification", sharded=True)
     assert (path / "model.safetensors.index.json").is_file()
-    torch.testing.assert_close(_logits(pipeline(model=path), SENTENCES), _reference_logits(path, SENTENCES),
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        _logits(pipeline(model=path), SENTENCES), _reference_logits(path, SENTENCES), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("dtype,atol", [("bfloat16", 0.05), ("float16", 0.01)])
@@ -64,8 +66,13 @@ def test_device_map_auto_and_disk_offload_give_equal_outputs(classifier, tmp_pat
     plain = _logits(pipeline(model=classifier), SENTENCES)
     auto = pipeline(model=classifier, device_map="auto")
     torch.testing.assert_close(_logits(auto, SENTENCES), plain, atol=1e-5, rtol=0)
-    device_map = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "disk", "bert.encoder.layer.1": "disk",
-                  "bert.pooler": "cpu", "classifier": "cpu"}  # fmt: skip
+    device_map = {
+        "bert.embeddings": "cpu",
+        "bert.encoder.layer.0": "disk",
+        "bert.encoder.layer.1": "disk",
+        "bert.pooler": "cpu",
+        "classifier": "cpu",
+    }
     offloaded = pipeline(model=classifier, device_map=device_map, offload_folder=str(tmp_path / "offload"))
     assert any((tmp_path / "offload").iterdir())
     torch.testing.assert_close(_logits(offloaded, SENTENCES), plain, atol=1e-5, rtol=0)
@@ -85,6 +92,7 @@ def test_missing_key_is_named(classifier, tmp_path):
 
 
 def test_unexpected_and_misshaped_keys_are_named(classifier, tmp_path):
+    """A key with no place in the class, and one of the wrong shape, raise CheckpointError naming key and shapes."""
     folder = tmp_path / "broken"
     shutil.copytree(classifier, folder)
     weights = load_file(folder / "model.safetensors")
@@ -97,6 +105,52 @@ def test_unexpected_and_misshaped_keys_are_named(classifier, tmp_path):
     save_file(weights, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'classifier.weight' has shape \(5, 32\).*needs \(3, 32\)"):
         pipeline(model=folder)
+
+
+def test_weights_mapper_applies_its_tables_in_order():
+    """Renames first, then the bare checkpoint's prefix, then other heads' keys dropped, then the prefix removed for
+    the base model; parts are whole dotted components, so `classifier_extra` is not under `classifier`."""
+    family = WeightsMapper(
+        prefix="enc.",
+        base_parts=("embed", "layers"),
+        keys={"head.copy": None},
+        suffixes={".gamma": ".weight", ".buffer": None},
+        head_parts=("enc.pooler", "head", "classifier"),
+    )
+    head = family.for_head("head")
+    assert head.rename("embed.norm.gamma") == "enc.embed.norm.weight"
+    assert head.rename("enc.layers.0.buffer") is None
+    assert head.rename("head.copy") is None and head.rename("head.dense.weight") == "head.dense.weight"
+    assert head.rename("classifier.weight") is None and head.rename("enc.pooler.dense.bias") is None
+    assert head.rename("classifier_extra.weight") == "classifier_extra.weight"  # left for the loader to report
+    base = family.for_base_model()
+    assert base.rename("enc.layers.1.w") == "layers.1.w" and base.rename("layers.1.w") == "layers.1.w"
+    assert base.rename("head.dense.weight") is None
+    assert WeightsMapper().rename("any.key") == "any.key"  # a class without a mapper loads its keys as stored
+
+
+def test_weights_mapper_rejects_parts_outside_its_family():
+    """A class that claims a head part its family does not list, or a prefix without its dot, fails at import."""
+    with pytest.raises(ValueError, match=r"owned parts \['lm_head'\] are not among .*'classifier'"):
+        WeightsMapper(head_parts=("classifier",)).for_head("lm_head")
+    with pytest.raises(ValueError, match="prefix must end with '.'"):
+        WeightsMapper(prefix="bert", base_parts=("embeddings",))
+
+
+def test_untied_head_comes_from_the_checkpoint(checkpoint, tmp_path):
+    """tie_word_embeddings=false: a masked-LM decoder is the checkpoint's own (outputs equal transformers'), and a
+    checkpoint that lacks it is an error naming the key, not a silent copy of the embeddings."""
+    path = checkpoint("bert", "masked-lm", tie_word_embeddings=False)
+    model = load_ours(path, BertForMaskedLM)
+    assert not torch.equal(model.cls["predictions"].decoder.weight, model.bert.embeddings.word_embeddings.weight)
+    assert_parity(model, load_reference(path, "masked-lm"), "masked-lm", encode(path, SENTENCES[:3]))
+    folder = tmp_path / "untied"
+    shutil.copytree(path, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["cls.predictions.decoder.weight"]
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no weight for 'cls.predictions.decoder.weight'"):
+        load_ours(folder, BertForMaskedLM)
 
 
 def test_pickled_weights_refused_unless_allowed(classifier, tmp_path):
@@ -124,6 +178,7 @@ def test_hub_id_through_the_offline_cache_with_revision(classifier, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(classifier, tmp_path):
+    """An unknown architecture or model_type fails naming it and listing what is supported, for both lookups."""
     folder = tmp_path / "gpt"
     shutil.copytree(classifier, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -137,11 +192,13 @@ def test_unsupported_architecture_lists_supported(classifier, tmp_path):
 
 @pytest.mark.parametrize("bad", ["float8", "int4", 3])
 def test_invalid_dtype(bad):
+    """A dtype we do not implement (float8, int4) or of the wrong type is a ValueError listing the allowed ones."""
     with pytest.raises(ValueError, match="unsupported dtype.*allowed"):
         parse_dtype(bad)
 
 
 def test_dtype_forms():
+    """Short names and torch dtypes are accepted; "auto" reads config.json's torch_dtype; None is float32."""
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(torch.float16) is torch.float16
     assert parse_dtype("auto", {"torch_dtype": "bfloat16"}) is torch.bfloat16
     assert parse_dtype(None) is torch.float32
@@ -149,12 +206,14 @@ def test_dtype_forms():
 
 @pytest.mark.parametrize("bad,error", [("gpu", ValueError), ("tpu:0", ValueError), (1.5, TypeError), ([0], TypeError)])
 def test_invalid_device(bad, error):
+    """A device string torch does not know, an unsupported device type or a wrong type is refused, naming device."""
     with pytest.raises(error, match="device"):
         parse_device(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(classifier):
+    """Asking for CUDA (by name or index) on a machine without it is a ValueError saying so, not a torch trace."""
     with pytest.raises(ValueError, match="no CUDA device"):
         pipeline(model=classifier, device="cuda")
     with pytest.raises(ValueError, match="no CUDA device"):
@@ -162,10 +221,10 @@ def test_cuda_without_cuda_is_a_clear_error(classifier):
 
 
 def test_runtime_option_errors():
+    """Conflicting or unknown runtime options (device with device_map, unknown map or quantization) are refused."""
     with pytest.raises(ValueError, match="either device or device_map"):
         RuntimeConfig.create(device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="unknown device_map 'everywhere'"):
         RuntimeConfig.create(device_map="everywhere")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         RuntimeConfig.create(quantization="int4")
-

@@ -1,29 +1,26 @@
-"""BERT: config, encoder, the task heads and the checkpoint-name table.
+"""BERT and its variants RoBERTa and XLM-RoBERTa: config, encoder, the task heads and the checkpoint-name tables.
 
-Every class returns one tensor from `forward(input_ids, attention_mask=None, token_type_ids=None)`:
-`BertModel` the last hidden state (B, T, C); the heads their logits. Inference only, so no dropout.
-Module attributes keep the Hugging Face checkpoint names; the few deviations are `RENAMES` below.
+RoBERTa (and XLM-RoBERTa, the same architecture under other class names) is BERT with three differences:
+position ids count real tokens only and start after `pad_token_id`, fairseq style (`padding_positions` in the
+config); the encoder sits under `roberta.` in checkpoints (`base_model_prefix`); and two heads have their own
+shape and names: sequence classification is dense + tanh + out_proj on <s> with no pooler, the masked-LM head
+is `lm_head`. The encoder, the token-classification and question-answering heads are shared.
+
+Every class returns one tensor from `forward(input_ids, attention_mask=None, token_type_ids=None)`: the base
+models the last hidden state (B, T, C), the heads their logits. Inference only, so no dropout. Module attributes
+keep the Hugging Face checkpoint names; the few deviations are the `WeightsMapper` tables below.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipelines import layers
-
-
-def _id2label(d: dict) -> tuple[str, ...]:
-    """config.json's id2label as a tuple indexed by class id; LABEL_i names when it has none."""
-    if d.get("id2label"):
-        id2label = {int(i): label for i, label in d["id2label"].items()}
-        if sorted(id2label) != list(range(len(id2label))):
-            raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
-        return tuple(id2label[i] for i in range(len(id2label)))
-    return tuple(f"LABEL_{i}" for i in range(d.get("num_labels", 2)))
+from pipelines.loading import WeightsMapper, read_id2label
 
 
 @dataclass(frozen=True)
@@ -42,10 +39,13 @@ class BertConfig:
     num_labels: int = 2
     id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")
     problem_type: str | None = None
+    padding_positions: bool = False  # RoBERTa: real tokens numbered from pad_token_id + 1 (set by the class)
 
     @property
     def max_input_length(self) -> int:
-        """The most tokens one input may have: one position embedding each."""
+        """The most tokens one input may have: one position embedding each (RoBERTa's start after the padding id)."""
+        if self.padding_positions:
+            return self.max_position_embeddings - self.pad_token_id - 1
         return self.max_position_embeddings
 
     @classmethod
@@ -57,9 +57,12 @@ class BertConfig:
             )
         for key in ("is_decoder", "add_cross_attention"):
             if d.get(key):
-                raise ValueError(f"{key}={d[key]!r} is not supported: this BERT is a bidirectional encoder only")
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("id2label", "num_labels")}
-        id2label = _id2label(d)
+                raise ValueError(f"{key}={d[key]!r} is not supported: this model is a bidirectional encoder only")
+        if cls.padding_positions and not isinstance(d.get("pad_token_id", cls.pad_token_id), int):
+            raise ValueError(f"pad_token_id={d['pad_token_id']!r}: RoBERTa needs an integer to number positions")
+        own = ("id2label", "num_labels", "padding_positions")  # labels read below; the variant is the class's
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in own}
+        id2label = read_id2label(d)
         config = cls(**fields, id2label=id2label, num_labels=len(id2label))
         layers.activation(config.hidden_act)  # raises for an unknown activation
         if config.hidden_size % config.num_attention_heads:
@@ -69,23 +72,46 @@ class BertConfig:
         return config
 
 
+@dataclass(frozen=True)
+class RobertaConfig(BertConfig):
+    """RoBERTa's and XLM-RoBERTa's config.json: BERT's keys, other defaults, positions numbered after the padding id."""
+
+    vocab_size: int = 50265
+    pad_token_id: int = 1
+    padding_positions: bool = True
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
+        self.padding_idx = config.pad_token_id if config.padding_positions else None
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        T, n_pos = input_ids.shape[1], self.position_embeddings.num_embeddings
-        if T > n_pos:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={n_pos}")
+        positions = self.position_ids(input_ids)  # (T,) or (B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, C)
         return self.LayerNorm(x + self.position_embeddings(positions))
+
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """BERT: 0..T-1. RoBERTa: real tokens (input_ids != pad) numbered from padding_idx + 1, padding keeps
+        padding_idx, so a left-padded row and the same row alone get the same positions."""
+        T, n_pos = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if self.padding_idx is None:
+            if T > n_pos:
+                raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={n_pos}")
+            return torch.arange(T, device=input_ids.device)  # (T,)
+        if T + self.padding_idx >= n_pos:
+            raise ValueError(
+                f"sequence of {T} tokens is too long: positions start at {self.padding_idx + 1} and "
+                f"max_position_embeddings={n_pos}, so at most {n_pos - self.padding_idx - 1} tokens fit"
+            )
+        real = input_ids.ne(self.padding_idx).long()  # (B, T)
+        return torch.cumsum(real, dim=1) * real + self.padding_idx  # (B, T)
 
 
 class BertSelfAttention(nn.Module):
@@ -169,43 +195,36 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))  # (B, C) from the [CLS] position
 
 
-# Checkpoint key -> our key, applied in order; one line per deviation. None drops the key.
-RENAMES = [
-    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),  # TF-era checkpoints
-    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
-    (re.compile(r"^(embeddings|encoder|pooler)\."), r"bert.\1."),  # bare base checkpoint (all-MiniLM-L6-v2)
-    (re.compile(r"\.position_ids$"), None),  # legacy buffer
-    (re.compile(r"^cls\.predictions\.decoder\.bias$"), None),  # a copy of the tied cls.predictions.bias
-]
-# Parts that only some classes have (the pooler is used by sequence classification only); see `heads`.
-HEAD_KEYS = re.compile(r"^(bert\.pooler|classifier|qa_outputs|cls)\.")
+# Checkpoint names, one entry per deviation (see pipelines.loading.WeightsMapper for the order they apply in).
+_LEGACY_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias", ".position_ids": None}
+BERT_WEIGHTS = WeightsMapper(
+    prefix="bert.",
+    base_parts=("embeddings", "encoder", "pooler"),  # a bare base checkpoint (all-MiniLM-L6-v2) lacks `bert.`
+    suffixes=_LEGACY_NAMES,  # TF-era LayerNorm names; the legacy position_ids buffer
+    head_parts=("bert.pooler", "classifier", "qa_outputs", "cls"),  # the pooler serves sequence classification only
+)
+ROBERTA_WEIGHTS = WeightsMapper(
+    prefix="roberta.",
+    base_parts=("embeddings", "encoder", "pooler"),
+    suffixes=_LEGACY_NAMES,
+    head_parts=("roberta.pooler", "classifier", "qa_outputs", "lm_head"),  # no class uses a RobertaModel's pooler
+)
 
 
 class BertPreTrainedModel(nn.Module):
-    """What the loader reads off every BERT class: its config class, key renames and tied weights."""
+    """What the loader reads off every class of this file (config class, weights mapper, tied weights), and where
+    a head class keeps its encoder: under `base_model_prefix`, the checkpoints' key prefix."""
 
     config_class = BertConfig
+    base_model_prefix = "bert"
+    weights_mapper = BERT_WEIGHTS
     tied_weights: dict[str, str] = {}  # our state_dict key -> the key it is copied from when a checkpoint omits it
-    heads: re.Pattern | None = None  # the HEAD_KEYS this class owns
-    bare = False  # True for BertModel, whose keys lack the `bert.` prefix
-
-    @classmethod
-    def rename_checkpoint_key(cls, key: str) -> str | None:
-        """A checkpoint key as this class's state_dict key; None for keys of other heads and legacy buffers."""
-        for pattern, replacement in RENAMES:
-            if pattern.search(key):
-                if replacement is None:
-                    return None
-                key = pattern.sub(replacement, key)
-        if HEAD_KEYS.match(key) and not (cls.heads and cls.heads.match(key)):
-            return None
-        return key.removeprefix("bert.") if cls.bare else key
 
 
 class BertModel(BertPreTrainedModel):
     """The encoder alone -> last hidden state (B, T, C); a checkpoint's pooler is dropped unless `pooler`."""
 
-    bare = True
+    weights_mapper = BERT_WEIGHTS.for_base_model()
 
     def __init__(self, config: BertConfig, pooler: bool = False):
         super().__init__()
@@ -219,44 +238,51 @@ class BertModel(BertPreTrainedModel):
         return self.encoder(x, layers.padding_mask(attention_mask, x.dtype))  # (B, T, C)
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
-    heads = re.compile(r"^(bert\.pooler|classifier)\.")
+class BertHeadModel(BertPreTrainedModel):
+    """The encoder (a BertModel under `base_model_prefix`) and a task head that the subclass adds."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, pooler: bool = False):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, pooler=True)
+        self.add_module(self.base_model_prefix, BertModel(config, pooler))
+
+    def encode(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """The encoder's last hidden state (B, T, C)."""
+        return getattr(self, self.base_model_prefix)(input_ids, attention_mask, token_type_ids)
+
+
+class BertForSequenceClassification(BertHeadModel):
+    weights_mapper = BERT_WEIGHTS.for_head("bert.pooler", "classifier")
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, pooler=True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        x = self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         return self.classifier(self.bert.pooler(x))  # (B, num_labels)
 
 
-class BertForTokenClassification(BertPreTrainedModel):
-    heads = re.compile(r"^classifier\.")
+class BertForTokenClassification(BertHeadModel):
+    weights_mapper = BERT_WEIGHTS.for_head("classifier")
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
+        super().__init__(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self.classifier(self.bert(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
+        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
 
 
-class BertForQuestionAnswering(BertPreTrainedModel):
-    heads = re.compile(r"^qa_outputs\.")
+class BertForQuestionAnswering(BertHeadModel):
+    weights_mapper = BERT_WEIGHTS.for_head("qa_outputs")
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
+        super().__init__(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self.qa_outputs(self.bert(input_ids, attention_mask, token_type_ids))  # (B, T, 2): start, end
+        return self.qa_outputs(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, 2): start, end
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -271,28 +297,121 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    """transform, then the (usually tied) decoder without bias plus the separate `bias` vector."""
+    """transform, then the decoder. As in Hugging Face, the decoder's weight and bias are tied to the word
+    embeddings and to `bias` (the one that checkpoints store) unless tie_word_embeddings is false."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.empty(config.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x)) + self.bias  # (B, T, vocab_size)
+        return self.decoder(self.transform(x))  # (B, T, vocab_size)
 
 
-class BertForMaskedLM(BertPreTrainedModel):
-    heads = re.compile(r"^cls\.predictions\.")
-    tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+class BertForMaskedLM(BertHeadModel):
+    weights_mapper = BERT_WEIGHTS.for_head("cls.predictions")
+    tied_weights = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
+        super().__init__(config)
         self.cls = nn.ModuleDict({"predictions": BertLMPredictionHead(config)})
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        x = self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         return self.cls["predictions"](x)  # (B, T, vocab_size)
+
+
+# -- RoBERTa: BERT's encoder under `roberta.`, positions after the padding id, its own two heads -------------------
+class RobertaModel(BertModel):
+    """The encoder alone -> last hidden state (B, T, C); a checkpoint's pooler is dropped (nothing uses it)."""
+
+    config_class, base_model_prefix = RobertaConfig, "roberta"
+    weights_mapper = ROBERTA_WEIGHTS.for_base_model()
+
+
+class RobertaClassificationHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.dense(x[:, 0])))  # (B, num_labels) from the <s> position
+
+
+class RobertaForSequenceClassification(BertHeadModel):
+    config_class, base_model_prefix = RobertaConfig, "roberta"
+    weights_mapper = ROBERTA_WEIGHTS.for_head("classifier")
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.classifier = RobertaClassificationHead(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids))  # (B, num_labels)
+
+
+class RobertaForTokenClassification(BertForTokenClassification):
+    config_class, base_model_prefix = RobertaConfig, "roberta"
+    weights_mapper = ROBERTA_WEIGHTS.for_head("classifier")
+
+
+class RobertaForQuestionAnswering(BertForQuestionAnswering):
+    config_class, base_model_prefix = RobertaConfig, "roberta"
+    weights_mapper = ROBERTA_WEIGHTS.for_head("qa_outputs")
+
+
+class RobertaLMHead(nn.Module):
+    """dense, exact GELU (whatever hidden_act says, as in Hugging Face), layer_norm, the decoder (tied as BERT's)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.empty(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))  # (B, T, vocab_size)
+
+
+class RobertaForMaskedLM(BertHeadModel):
+    config_class, base_model_prefix = RobertaConfig, "roberta"
+    weights_mapper = ROBERTA_WEIGHTS.for_head("lm_head")
+    tied_weights = {
+        "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.lm_head = RobertaLMHead(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.lm_head(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, vocab_size)
+
+
+# XLM-RoBERTa: RoBERTa's architecture and checkpoint names (`roberta.` prefix included) under its own class names.
+class XLMRobertaModel(RobertaModel):
+    pass
+
+
+class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
+    pass
+
+
+class XLMRobertaForTokenClassification(RobertaForTokenClassification):
+    pass
+
+
+class XLMRobertaForQuestionAnswering(RobertaForQuestionAnswering):
+    pass
+
+
+class XLMRobertaForMaskedLM(RobertaForMaskedLM):
+    pass

@@ -8,7 +8,6 @@ Differences from BERT: no token types (a `token_type_ids` argument is accepted a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines import layers
-
-
-def _id2label(d: dict) -> tuple[str, ...]:
-    """config.json's id2label as a tuple indexed by class id; LABEL_i names when it has none."""
-    if d.get("id2label"):
-        id2label = {int(i): label for i, label in d["id2label"].items()}
-        if sorted(id2label) != list(range(len(id2label))):
-            raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
-        return tuple(id2label[i] for i in range(len(id2label)))
-    return tuple(f"LABEL_{i}" for i in range(d.get("num_labels", 2)))
+from pipelines.loading import WeightsMapper, read_id2label
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ class DistilBertConfig:
     def from_hf(cls, d: dict) -> DistilBertConfig:
         """Read a config.json dict; ValueError naming the key and value for anything not implemented here."""
         names = [k for k in cls.__dataclass_fields__ if k not in ("id2label", "num_labels", "layer_norm_eps")]
-        id2label = _id2label(d)
+        id2label = read_id2label(d)
         config = cls(**{k: d[k] for k in names if k in d}, id2label=id2label, num_labels=len(id2label))
         layers.activation(config.activation)  # raises for an unknown activation
         if config.dim % config.n_heads:
@@ -133,42 +123,27 @@ class Transformer(nn.Module):
         return x
 
 
-# Checkpoint key -> our key, applied in order; one line per deviation. None drops the key.
-RENAMES = [
-    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),  # TF-era checkpoints
-    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
-    (re.compile(r"^(embeddings|transformer)\."), r"distilbert.\1."),  # bare base checkpoint: no `distilbert.` prefix
-    (re.compile(r"\.position_ids$"), None),  # legacy buffer
-]
-# Parts that only some classes have; see `heads`.
-HEAD_KEYS = re.compile(r"^(pre_classifier|classifier|qa_outputs|vocab_transform|vocab_layer_norm|vocab_projector)\.")
+# Checkpoint names, one entry per deviation (see pipelines.loading.WeightsMapper for the order they apply in).
+DISTILBERT_WEIGHTS = WeightsMapper(
+    prefix="distilbert.",
+    base_parts=("embeddings", "transformer"),  # a bare base checkpoint lacks `distilbert.`
+    suffixes={"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias", ".position_ids": None},
+    head_parts=("pre_classifier", "classifier", "qa_outputs", "vocab_transform", "vocab_layer_norm", "vocab_projector"),
+)
 
 
 class DistilBertPreTrainedModel(nn.Module):
-    """What the loader reads off every DistilBERT class: its config class, key renames and tied weights."""
+    """What the loader reads off every DistilBERT class: its config class, weights mapper and tied weights."""
 
     config_class = DistilBertConfig
+    weights_mapper = DISTILBERT_WEIGHTS
     tied_weights: dict[str, str] = {}  # our state_dict key -> the key it is copied from when a checkpoint omits it
-    heads: re.Pattern | None = None  # the HEAD_KEYS this class owns
-    bare = False  # True for DistilBertModel, whose keys lack the `distilbert.` prefix
-
-    @classmethod
-    def rename_checkpoint_key(cls, key: str) -> str | None:
-        """A checkpoint key as this class's state_dict key; None for keys of other heads and legacy buffers."""
-        for pattern, replacement in RENAMES:
-            if pattern.search(key):
-                if replacement is None:
-                    return None
-                key = pattern.sub(replacement, key)
-        if HEAD_KEYS.match(key) and not (cls.heads and cls.heads.match(key)):
-            return None
-        return key.removeprefix("distilbert.") if cls.bare else key
 
 
 class DistilBertModel(DistilBertPreTrainedModel):
     """The encoder alone -> last hidden state (B, T, C)."""
 
-    bare = True
+    weights_mapper = DISTILBERT_WEIGHTS.for_base_model()
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -182,7 +157,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
 
 
 class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
-    heads = re.compile(r"^(pre_classifier|classifier)\.")
+    weights_mapper = DISTILBERT_WEIGHTS.for_head("pre_classifier", "classifier")
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -197,7 +172,7 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
 
 
 class DistilBertForTokenClassification(DistilBertPreTrainedModel):
-    heads = re.compile(r"^classifier\.")
+    weights_mapper = DISTILBERT_WEIGHTS.for_head("classifier")
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -210,7 +185,7 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
 
 
 class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
-    heads = re.compile(r"^qa_outputs\.")
+    weights_mapper = DISTILBERT_WEIGHTS.for_head("qa_outputs")
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -223,7 +198,7 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
 
 
 class DistilBertForMaskedLM(DistilBertPreTrainedModel):
-    heads = re.compile(r"^vocab_(transform|layer_norm|projector)\.")
+    weights_mapper = DISTILBERT_WEIGHTS.for_head("vocab_transform", "vocab_layer_norm", "vocab_projector")
     tied_weights = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: DistilBertConfig):

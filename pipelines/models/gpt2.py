@@ -1,20 +1,20 @@
 """GPT-2: config, decoder, language-model head and the checkpoint-name table.
 
 Checkpoints store the attention and MLP projections as Conv1D weights (in_features, out_features); here they are
-plain nn.Linear layers and `convert_checkpoint_tensor` transposes them once at load. The head is tied to `wte`.
+plain nn.Linear layers and the weights mapper's tensor hook transposes them once at load. The head is tied to `wte`.
 `forward(input_ids, positions, lengths=, cache=, last_only=)` serves a plain full-sequence pass and the generation
 engine's prefill and decode steps alike (see `GPT2LMHeadModel.forward`). Inference only, so no dropout.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipelines import layers
+from pipelines.loading import WeightsMapper
 
 
 @dataclass(frozen=True)
@@ -129,18 +129,28 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-# Checkpoint key -> our key, applied in order; one line per deviation. None drops the key.
-RENAMES = [
-    (re.compile(r"\.attn\.(bias|masked_bias)$"), None),  # causal-mask buffers of old checkpoints
-    (re.compile(r"^(wte|wpe|h|ln_f)\."), r"transformer.\1."),  # bare GPT2Model checkpoint (openai-community/gpt2)
-]
-CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # stored (in, out): transposed into nn.Linear's (out, in)
+CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # stored (in, out), as Conv1D layers
+
+
+def _conv1d_as_linear(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The checkpoint tensor for our key `name`: Conv1D weights transposed into nn.Linear's (out, in) once."""
+    return tensor.t().contiguous() if name.endswith(CONV1D) else tensor
+
+
+# Checkpoint names, one entry per deviation (see pipelines.loading.WeightsMapper for the order they apply in).
+GPT2_WEIGHTS = WeightsMapper(
+    prefix="transformer.",
+    base_parts=("wte", "wpe", "h", "ln_f"),  # a bare GPT2Model checkpoint (openai-community/gpt2)
+    suffixes={".attn.bias": None, ".attn.masked_bias": None},  # causal-mask buffers of old checkpoints
+    tensor_hook=_conv1d_as_linear,
+)
 
 
 class GPT2LMHeadModel(nn.Module):
-    """GPT-2 and its tied language-model head; what the loader reads off the class: config, renames, ties."""
+    """GPT-2 and its tied language-model head; what the loader reads off the class: config, weights mapper, ties."""
 
     config_class = GPT2Config
+    weights_mapper = GPT2_WEIGHTS
     tied_weights = {"lm_head.weight": "transformer.wte.weight"}  # used when config.tie_word_embeddings
 
     def __init__(self, config: GPT2Config):
@@ -148,21 +158,6 @@ class GPT2LMHeadModel(nn.Module):
         self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-
-    @classmethod
-    def rename_checkpoint_key(cls, key: str) -> str | None:
-        """A checkpoint key as this class's state_dict key; None for the legacy mask buffers."""
-        for pattern, replacement in RENAMES:
-            if pattern.search(key):
-                if replacement is None:
-                    return None
-                key = pattern.sub(replacement, key)
-        return key
-
-    @classmethod
-    def convert_checkpoint_tensor(cls, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The checkpoint tensor for our key `name`: Conv1D weights transposed, everything else as stored."""
-        return tensor.t().contiguous() if CONV1D.search(name) else tensor
 
     def forward(self, input_ids, positions=None, *, lengths=None, cache=None, last_only=False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) at each row's last real token with `last_only` (the lm_head runs there only).

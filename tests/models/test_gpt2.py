@@ -10,9 +10,9 @@ from tokenizers import Tokenizer
 
 from pipelines import registry
 from pipelines.loading import load_model
-from pipelines.runtime import RuntimeConfig
 from pipelines.models import gpt2
-from tests.checkpoints import PROMPTS, SENTENCES, cached_logits, load_native, load_reference
+from pipelines.runtime import RuntimeConfig
+from tests.checkpoints import PROMPTS, SENTENCES, cached_logits, load_ours, load_reference
 
 ATOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -24,7 +24,7 @@ def path(checkpoint):
 
 @pytest.fixture(scope="module")
 def models(path):
-    return load_native(path, gpt2.GPT2LMHeadModel), load_reference(path, "causal-lm")
+    return load_ours(path, gpt2.GPT2LMHeadModel), load_reference(path, "causal-lm")
 
 
 def _batch(path, texts):
@@ -89,7 +89,7 @@ def test_padded_batch_equals_each_alone(models, path):
 
 
 def test_load_model_through_the_loader(models, path):
-    """pipelines.loading.load_model: Conv1D weights transposed by convert_checkpoint_tensor, lm_head tied to wte."""
+    """pipelines.loading.load_model: Conv1D weights transposed by the weights mapper's tensor hook, lm_head tied to wte."""
     ours = load_model(path, gpt2.GPT2LMHeadModel, RuntimeConfig.create())
     assert ours.lm_head.weight.data_ptr() == ours.transformer.wte.weight.data_ptr()
     ids = _batch(path, [SENTENCES[1]])["input_ids"]
@@ -117,7 +117,7 @@ def test_attention_scale_options_match(checkpoint):
         path = checkpoint("gpt2", "causal-lm", **options)
         ids = torch.tensor([[5, 17, 33, 2, 99, 150, 7]])
         with torch.no_grad():
-            got = load_native(path, gpt2.GPT2LMHeadModel)(ids)
+            got = load_ours(path, gpt2.GPT2LMHeadModel)(ids)
             torch.testing.assert_close(got, load_reference(path, "causal-lm")(ids).logits, **ATOL)
 
 
@@ -130,9 +130,9 @@ def test_full_size_key_mapping():
     cls = gpt2.GPT2LMHeadModel
     theirs = {}
     for key, tensor in hf.state_dict().items():
-        name = cls.rename_checkpoint_key(key)
+        name = cls.weights_mapper.rename(key)
         if name is not None:
-            theirs[name] = tuple(cls.convert_checkpoint_tensor(name, tensor).shape)
+            theirs[name] = tuple(cls.weights_mapper.convert(name, tensor).shape)
     assert theirs == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert ours.config.cache_shape == (12, 12, 64) and ours.config.max_input_length == 1024
 

@@ -12,28 +12,37 @@ from tokenizers import Tokenizer
 
 from pipelines import layers, registry
 from pipelines.loading import CheckpointError, load_model
-from pipelines.runtime import RuntimeConfig
 from pipelines.models import llama
-from tests.checkpoints import CHAT, PROMPTS, SENTENCES, cached_logits, load_native, load_reference
+from pipelines.runtime import RuntimeConfig
+from tests.checkpoints import CHAT, PROMPTS, SENTENCES, cached_logits, load_ours, load_reference
 
 ATOL = {"atol": 1e-4, "rtol": 1e-4}
 CLASSES = {"llama": llama.LlamaForCausalLM, "mistral": llama.MistralForCausalLM, "qwen2": llama.Qwen2ForCausalLM}
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8}  # fmt: skip
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
 # (family, config overrides): each changes what the model computes; dynamic NTK only acts beyond
 # max_position_embeddings, so that variant gets max_position_embeddings=16 and 24-token inputs.
 VARIANTS = {
     "llama": ("llama", {}),
     "llama-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    "llama-dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
-                                "max_position_embeddings": 16}),
+    "llama-dynamic": (
+        "llama",
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16},
+    ),
     "llama-llama3": ("llama", {"rope_scaling": LLAMA3}),
     "llama-biases-head_dim": ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16, "rope_theta": 500.0}),
     "mistral-window": ("mistral", {"sliding_window": 5}),
     "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
-    "qwen2-tied-windows": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 4,
-                                     "max_window_layers": 1}),
-}  # fmt: skip
+    "qwen2-tied-windows": (
+        "qwen2",
+        {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -42,7 +51,7 @@ def variant(request, checkpoint):
     return (
         request.param,
         path,
-        load_native(path, CLASSES[VARIANTS[request.param][0]]),
+        load_ours(path, CLASSES[VARIANTS[request.param][0]]),
         load_reference(path, "causal-lm"),
     )
 
@@ -97,13 +106,13 @@ def _variant_path(checkpoint, name):
 def test_variants_change_the_output(checkpoint):
     """Guards the parity tests against passing vacuously: windows and rope scaling do change the logits."""
     ids = _ids()
-    base = load_native(_variant_path(checkpoint, "llama"), llama.LlamaForCausalLM)
+    base = load_ours(_variant_path(checkpoint, "llama"), llama.LlamaForCausalLM)
     with torch.no_grad():
         reference = base(ids)
         for name in ("llama-linear", "llama-dynamic", "llama-llama3"):
-            scaled = load_native(_variant_path(checkpoint, name), llama.LlamaForCausalLM)
+            scaled = load_ours(_variant_path(checkpoint, name), llama.LlamaForCausalLM)
             assert not torch.allclose(scaled(ids), reference, atol=1e-3), name
-        mistral = load_native(_variant_path(checkpoint, "mistral-window"), llama.MistralForCausalLM)
+        mistral = load_ours(_variant_path(checkpoint, "mistral-window"), llama.MistralForCausalLM)
         windowed = mistral(ids)
         for layer in mistral.model.layers:
             layer.self_attn.window = None
@@ -165,11 +174,20 @@ def test_rotary_inverse_frequencies_match_transformers(family):
     """Our resolved inverse frequencies equal transformers' rotary module's for every supported rope type."""
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     hf_rotary = getattr(modeling, ROTARY_CLASSES[family])
-    for scaling in (None, {"rope_type": "linear", "factor": 3.0}, {"rope_type": "dynamic", "factor": 2.0},
-                    dict(LLAMA3, original_max_position_embeddings=32)):  # fmt: skip
-        hf_config = transformers.AutoConfig.for_model(family, hidden_size=256, num_attention_heads=2,
-                                                      num_key_value_heads=2, rope_scaling=scaling,
-                                                      max_position_embeddings=64)  # fmt: skip
+    for scaling in (
+        None,
+        {"rope_type": "linear", "factor": 3.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        dict(LLAMA3, original_max_position_embeddings=32),
+    ):
+        hf_config = transformers.AutoConfig.for_model(
+            family,
+            hidden_size=256,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            rope_scaling=scaling,
+            max_position_embeddings=64,
+        )
         ours = CLASSES[family].config_class.from_hf(hf_config.to_dict())
         torch.testing.assert_close(torch.tensor(ours.rotary.inv_freq), hf_rotary(hf_config).inv_freq, rtol=1e-6, atol=0)
 
@@ -177,19 +195,18 @@ def test_rotary_inverse_frequencies_match_transformers(family):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_full_size_key_mapping(family):
     """A 7B-sized transformers model's keys and shapes equal ours, on the meta device (no memory)."""
-    hf_config = transformers.AutoConfig.for_model(family, num_key_value_heads=8, num_hidden_layers=2,
-                                                  vocab_size=32000)  # fmt: skip
+    hf_config = transformers.AutoConfig.for_model(family, num_key_value_heads=8, num_hidden_layers=2, vocab_size=32000)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config)
         ours = CLASSES[family](CLASSES[family].config_class.from_hf(hf_config.to_dict()))
-    theirs = {CLASSES[family].rename_checkpoint_key(k): tuple(v.shape) for k, v in hf.state_dict().items()}
+    theirs = {CLASSES[family].weights_mapper.rename(k): tuple(v.shape) for k, v in hf.state_dict().items()}
     assert theirs == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert ours.config.cache_shape == (2, 8, hf_config.hidden_size // hf_config.num_attention_heads)
 
 
 def test_legacy_and_bare_keys():
     """Old conversions' rotary_emb.inv_freq buffers are dropped; bare LlamaModel keys get the `model.` prefix."""
-    rename = llama.LlamaForCausalLM.rename_checkpoint_key
+    rename = llama.LlamaForCausalLM.weights_mapper.rename
     assert rename("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert rename("layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
     assert rename("embed_tokens.weight") == "model.embed_tokens.weight"
