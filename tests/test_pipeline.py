@@ -7,7 +7,7 @@ from pipelines import ChunkPipeline, Pipeline, pipeline, register_pipeline
 from pipelines.batching import ItemOutOfMemoryError
 from pipelines.registry import TASKS
 from pipelines.tokenization import Tokenizer
-from tests.checkpoints import SENTENCES, load_native
+from tests.checkpoints import SENTENCES, load_ours
 from tests.compare import assert_same_output
 from tests.faults import simulate_oom
 
@@ -119,7 +119,7 @@ def test_module_object_with_tokenizer(classifier_path, clf):
     """model= an nn.Module plus tokenizer= (and config=) works like the folder."""
     from pipelines.models.bert import BertForSequenceClassification
 
-    module = load_native(classifier_path, BertForSequenceClassification)
+    module = load_ours(classifier_path, BertForSequenceClassification)
     pipe = pipeline(
         "text-classification",
         model=module,

@@ -124,8 +124,8 @@ class Engine:
         self.dtype = dtype or floats[0].dtype
         self.max_length = max_length or config.max_input_length
         defaults = DEVICE_DEFAULTS[self.device.type]
-        self.max_batch_tokens = max_batch_tokens or defaults.prefill_tokens
-        self.max_sequences = max_sequences = max_sequences or defaults.max_sequences
+        self.max_batch_tokens = defaults.prefill_tokens if max_batch_tokens is None else max_batch_tokens
+        self.max_sequences = max_sequences = defaults.max_sequences if max_sequences is None else max_sequences
         self.kv_cache_tokens = kv_cache_tokens or max_sequences * self.max_length
         for name in ("max_batch_tokens", "max_sequences", "kv_cache_tokens", "max_length"):
             if getattr(self, name) < 1:

@@ -71,10 +71,6 @@ class ByteModel(nn.Module):
         self.embed = nn.Embedding(257, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, len(LABELS))
 
-    @staticmethod
-    def rename_checkpoint_key(key: str) -> str:
-        return key
-
     def forward(self, byte_ids, attention_mask):
         mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
         mean = (self.embed(byte_ids) * mask).sum(1) / mask.sum(1)
