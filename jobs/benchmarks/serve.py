@@ -1,7 +1,7 @@
 """Benchmark embedding serving over loopback: our Ray Serve application against infinity-emb, same model, same run.
 
-    python -m jobs.benchmark_serve --infinity /path/to/venv/bin/infinity_emb [--seconds 30] [--concurrency 1,8,32]
-                                   [--threads 2] [--wait-idle 120] [--json OUT]
+    python -m jobs.benchmarks.serve --infinity /path/to/venv/bin/infinity_emb [--seconds 30] [--concurrency 1,8,32]
+                                    [--threads 2] [--wait-idle 120] [--json OUT]
 
 infinity-emb pins its own torch/transformers versions, so it lives in a virtualenv of its own, e.g.
 `python -m venv /tmp/inf && /tmp/inf/bin/pip install torch==2.13.0 "infinity-emb[server,torch]"`; without
@@ -20,7 +20,6 @@ Before measuring, both servers' embeddings of the same texts are compared (min c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.benchmark_embeddings import model_folder, wait_for_idle
-from jobs.corpus import make_corpus
+from jobs.benchmarks.corpus import make_corpus
+from jobs.benchmarks.harness import add_timing_arguments, argument_parser, markdown_table, minilm_folder, wait_for_idle
 
 WARMUP_S = 3.0
 
@@ -73,8 +72,13 @@ async def _load(url: str, texts: list[str], concurrency: int, seconds: float) ->
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
-    return {"requests_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "ok": len(latencies), "failed": failed}  # fmt: skip
+    return {
+        "requests_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+        "ok": len(latencies),
+        "failed": failed,
+    }
 
 
 def measure(name: str, url: str, texts: list[str], levels: list[int], seconds: float, wait_idle_s: float) -> list[dict]:
@@ -84,8 +88,12 @@ def measure(name: str, url: str, texts: list[str], levels: list[int], seconds: f
         wait_for_idle(wait_idle_s)
         result = asyncio.run(_load(url, texts, c, seconds))
         rows.append({"server": name, "concurrency": c, **result})
-        print(f"{name:9s} c={c:<3d} {result['requests_s']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-              f"p99 {result['p99_ms']:7.1f} ms  failed {result['failed']}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{name:9s} c={c:<3d} {result['requests_s']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+            f"p99 {result['p99_ms']:7.1f} ms  failed {result['failed']}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -121,8 +129,9 @@ def serve_ours(folder: Path, threads: int, **args):
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"task": "sentence-embeddings", "model": str(folder), "threads": threads, "max_in_flight": 256,
-                     **args})
+    app = build_app(
+        {"task": "sentence-embeddings", "model": str(folder), "threads": threads, "max_in_flight": 256, **args}
+    )
     serve.run(app, name="emb", route_prefix="/emb")
 
     def stop():
@@ -136,10 +145,27 @@ def serve_infinity(binary: str, folder: Path):
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"infinity-{port}.log", "w")
     proc = subprocess.Popen(
-        [binary, "v2", "--model-id", str(folder), "--served-model-name", "m", "--engine", "torch", "--device", "cpu",
-         "--no-bettertransformer", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            binary,
+            "v2",
+            "--model-id",
+            str(folder),
+            "--served-model-name",
+            "m",
+            "--engine",
+            "torch",
+            "--device",
+            "cpu",
+            "--no-bettertransformer",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wait_ready(f"http://127.0.0.1:{port}/health")
 
     def stop():
@@ -151,24 +177,32 @@ def serve_infinity(binary: str, folder: Path):
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| server | concurrency | requests/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests_s']:.1f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['failed']} |")  # fmt: skip
-    return lines
+    header = ["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "failed"]
+    cells = [
+        [
+            r["server"],
+            r["concurrency"],
+            f"{r['requests_s']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            r["failed"],
+        ]
+        for r in rows
+    ]
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser("jobs.benchmarks.serve", __doc__)
     parser.add_argument("--infinity", help="path of the infinity_emb executable (its own virtualenv)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--threads", type=int, help="torch threads of our model replica (default: the app's)")
-    parser.add_argument("--wait-idle", type=float, default=120.0, metavar="S")
+    add_timing_arguments(parser, wait_idle_s=120.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    folder, texts = model_folder(), make_corpus(512, seed=1, min_words=5, max_words=60)
+    folder, texts = minilm_folder(), make_corpus(512, seed=1, min_words=5, max_words=60)
     rows, reference = [], None
     servers = [("ours", lambda: serve_ours(folder, args.threads))]
     if args.infinity:
@@ -179,8 +213,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             vectors = embed_once(url, texts[:32])
             if reference is None:
                 reference = vectors
-            cosine = float(np.min(np.sum(vectors * reference, axis=1) /
-                                  (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))))  # fmt: skip
+            cosine = float(
+                np.min(
+                    np.sum(vectors * reference, axis=1)
+                    / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+                )
+            )
             print(f"{name}: min cosine with ours over 32 texts {cosine:.6f}", file=sys.stderr)
             rows += measure(name, url, texts, levels, args.seconds, args.wait_idle)
         finally:

