@@ -9,7 +9,7 @@ from pipelines.generation import engine as engine_module
 from pipelines import layers
 from pipelines.generation.engine import Engine, TokenEvent
 from pipelines.models import gpt2, llama
-from tests.checkpoints import PROMPTS, load_native, load_reference
+from tests.checkpoints import PROMPTS, load_ours, load_reference
 
 N = 12  # new tokens per prompt
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -37,7 +37,7 @@ class Setup:
     def __init__(self, checkpoint, name):
         family, cls, options = VARIANTS[name]
         self.path = checkpoint(family, "causal-lm", **options)
-        self.model = load_native(self.path, cls)
+        self.model = load_ours(self.path, cls)
         tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         self.prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
         self.eos = transformers.AutoConfig.from_pretrained(self.path).eos_token_id
@@ -304,7 +304,7 @@ def test_custom_select_sees_histories_and_states(setups):
 def test_half_precision_cache(setups):
     """A bfloat16 model gets a bfloat16 cache and generates the requested number of tokens."""
     setup = setups("qwen2-tied-windows")
-    model = load_native(setup.path, llama.Qwen2ForCausalLM).to(torch.bfloat16)
+    model = load_ours(setup.path, llama.Qwen2ForCausalLM).to(torch.bfloat16)
     engine = Engine(model)
     out = engine.generate(setup.prompts, 5)
     assert engine.cache.k.dtype == torch.bfloat16 and [len(o) for o in out] == [5] * len(setup.prompts)
