@@ -26,8 +26,14 @@ def test_plan_cuts_where_lengths_fall_steeply():
     short items are not padded to a long one: padded tokens 700 -> 460 for 441 real (one batch before)."""
     lengths = [100, 95, 91, 50, 48, 47, 10]
     plan = plan_micro_batches(lengths, batch_size=8, max_batch_tokens=1000)
+    # By hand: 95 and 91 are >= 0.9 x 100 = 90, so they join 100. 50 < 90, and [100, 95, 91] is a quarter full
+    # (3 / 8 = 0.375 of batch_size; 300 / 1000 of the budget): cut. 48 and 47 are >= 0.9 x 50 = 45; 10 < 45 with
+    # [50, 48, 47] 3 / 8 full: cut. No batch reaches 8 rows or 1000 tokens, so only the steep cuts apply.
     assert plan == [[0, 1, 2], [3, 4, 5], [6]]
-    assert sum(len(b) * lengths[b[0]] for b in plan) == 460
+    # Padded tokens, rows x the batch's longest: 3 x 100 + 3 x 50 + 1 x 10 = 460, against 7 x 100 = 700 in one
+    # batch; the real tokens are 100 + 95 + 91 + 50 + 48 + 47 + 10 = 441.
+    assert sum(len(b) * max(lengths[i] for i in b) for b in plan) == 3 * 100 + 3 * 50 + 1 * 10 == 460
+    assert sum(lengths) == 441
 
 
 def test_plan_does_not_cut_below_a_quarter_full():
@@ -51,6 +57,7 @@ def test_plan_gives_an_oversized_item_a_batch_of_its_own():
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"batch_size": 2, "max_batch_tokens": 0}])
 def test_plan_rejects_nonpositive_limits(bad):
+    """A zero batch_size or token budget is a ValueError naming the limit, not a ZeroDivisionError in the fill ratio."""
     with pytest.raises(ValueError, match="must be"):
         plan_micro_batches([1, 2], **bad)
 
@@ -76,8 +83,7 @@ def test_batcher_restores_order_and_cuts_token_outputs():
     """Outputs come back in input order; per-token outputs are cut to each item's own length."""
     lengths = [19, 20, 18, 20]
     calls = []
-    batcher = MicroBatcher(_fake_forward(calls), layout=TEXT,
-                           token_outputs=("per_token",), batch_size=2)
+    batcher = MicroBatcher(_fake_forward(calls), layout=TEXT, token_outputs=("per_token",), batch_size=2)
     out = batcher.run(_items(lengths))
     assert [o["total"].item() for o in out] == [n * (n + 1) // 2 for n in lengths]
     assert [o["per_token"].tolist() for o in out] == [list(range(2, n + 2)) for n in lengths]
@@ -91,8 +97,11 @@ def test_batcher_splits_on_out_of_memory_and_recovers():
     batcher = MicroBatcher(_fake_forward(calls, oom_above=16), layout=TEXT, batch_size=8)
     out = batcher.run(_items(lengths))
     assert [o["total"].item() for o in out] == [55, 55, 55, 55, 45, 45]
-    assert calls[0] == (6, 10)  # tried whole, then halves until each fits
-    assert max(r * t for r, t in calls[1:] if r * t <= 16) <= 16
+    # By hand: 9 is not < 0.9 x 10, so the plan is one batch of all six, padded to 10 (60 tokens > 16: out of
+    # memory). A failed batch splits into its first len // 2 items and the rest, depth first; a sub-batch pads to
+    # its own longest. [0..5] -> [0, 1, 2] (30) -> [0] (10, fits) and [1, 2] (20) -> [1], [2]; then [3, 4, 5]
+    # (3 x 10) -> [3] (10, fits) and [4, 5] (2 x 9 = 18) -> [4], [5] (9 each).
+    assert calls == [(6, 10), (3, 10), (1, 10), (2, 10), (1, 10), (1, 10), (3, 10), (1, 10), (2, 9), (1, 9), (1, 9)]
 
 
 def test_batcher_names_the_item_that_never_fits():
