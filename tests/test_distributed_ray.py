@@ -97,6 +97,7 @@ def test_raise_fails_the_job_naming_the_row(checkpoint):
         ds.take_all()
 
 
+@pytest.mark.slow
 def test_a_killed_model_actor_loses_and_duplicates_nothing(checkpoint):
     """Two model actors; one is SIGKILLed after the first results arrive. Ray restarts it and retries its
     batches: every input row comes out exactly once and the job succeeds."""

@@ -195,6 +195,7 @@ def test_the_dashboard_wants_the_token(running):
         assert error.value.code == code
 
 
+@pytest.mark.slow
 def test_down_stops_this_cluster_only(running, capsys):
     """down kills every process of the cluster (retitled ray:: ones too) and nothing else; it is idempotent.
 

@@ -129,6 +129,7 @@ def test_without_errors_folder_the_job_fails_naming_the_row(cluster, checkpoint,
     assert "row id=21: TypeError: expected a string, got NoneType" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_writes_every_row_once(cluster, minilm_path, tmp_path):
     """The job is stopped once some part files exist; the rerun with --resume skips the rows written and
     writes the rest: every input row is in the output exactly once."""
