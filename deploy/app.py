@@ -1,60 +1,56 @@
-"""Ray Serve application over one pipeline: a FastAPI ingress (CPU) and a model deployment (GPU when present).
+"""Ray Serve application over one pipeline: an ingress (CPU) and a model deployment (GPU when present).
 
     serve run deploy/embeddings.yaml                         # or, for one model:
     serve run deploy.app:build_app task=sentence-embeddings model=sentence-transformers/all-MiniLM-L6-v2
 
-    HTTP -> Ingress: validate, preprocess (tokenizer only) -> ModelServer: dynamic batches by tokens, forward
-         -> Ingress: postprocess -> JSON
+    HTTP -> EncoderIngress: validate, preprocess (processor only) -> ModelServer: dynamic batches by tokens,
+         forward -> EncoderIngress: postprocess -> JSON
 
 Routes under the application's prefix: `POST /` and `/predict` (Hugging Face Inference API: `{"inputs",
-"parameters"}`, answering exactly what the in-process pipeline answers), `POST /v1/embeddings` (OpenAI) and
-`POST /embed` (TEI) for embedding models, `GET /health`, `GET /info`, `GET /metrics` (Prometheus text),
-`/docs` (OpenAPI). Errors follow TEI / OpenAI: `{"error": "...", "error_type": "..."}` with 4xx, never 500
-for a bad request: 422 validation, 413 body too large, 401 without the configured bearer token, 408 on
-timeout, 503 with Retry-After when more requests are in flight than the replica accepts.
+"parameters"}`, answering exactly what the in-process pipeline answers; for a task whose inputs are bytes, a raw
+`application/octet-stream`, `image/*` or `audio/*` body is one input, with the task's parameters in the query
+string), `POST /v1/embeddings` (OpenAI) and `POST /embed` (TEI) for embedding models, and what every application
+answers (deploy/http_api.py): `GET /health`, `/info`, `/metrics`, `/v1/models`, `/docs`. Errors: deploy/ingress.py.
 """
 
+from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import logging
 import time
-from typing import Literal
 
-import numpy as np
-import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from pydantic import Field
 from ray import serve
 from ray.exceptions import RayActorError
 
-from deploy.common import (Body, PredictRequest, ServeError, busy, call_params, check_auth, install_error_handlers,
-                           internal_response, parse, read_json, replica_options, timeout_response)
-from deploy.metrics import Metrics
+from deploy import openai_schemas as oai
+from deploy.common import (
+    COMMON_ARGS,
+    LIMIT_ARGS,
+    read_args,
+    replica_gpus,
+    replica_options,
+    replica_runtime,
+    request_batch_tokens,
+)
+from deploy.http_api import ServeIngress, http_api
+from deploy.ingress import Body, Incoming, Ingress, Limits, PredictRequest, ServeError, parse, validation_error
+from deploy.metrics import BatchMetrics
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 from pipelines.factory import pipeline
+from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_TASKS = ("sentence-embeddings",)
-MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's own header: its proxy routes on it too
 REPLICA_RETRIES = 3  # a request whose model replica died is sent again, this many times at most
-
-
-class EmbeddingsRequest(Body):
-    """OpenAI `/v1/embeddings`."""
-
-    input: str | list[str]
-    model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
 
 
 class EmbedRequest(Body):
     """TEI `/embed`."""
 
-    inputs: str | list[str]
+    inputs: str | list[str] = Field(description="a text or a list of texts")
     truncate: bool = True
     normalize: bool = True
 
@@ -76,13 +72,19 @@ class ModelServer:
     recently used models, loading others on demand and dropping the least recently used.
     """
 
-    def __init__(self, task: str, model: str, models: dict | None = None, max_models_per_replica: int = 3,
-                 dtype: str | None = None, device: str | None = None, max_batch_tokens: int = 16384,
-                 batch_wait_s: float = 0.0, threads: int | None = None, **params):  # fmt: skip
-        if threads:
-            torch.set_num_threads(threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.load = lambda path: pipeline(task, path, dtype=dtype, device=device, **params)
+    def __init__(
+        self,
+        task: str,
+        model: str,
+        runtime: RuntimeConfig,
+        models: dict | None = None,
+        max_models_per_replica: int = 3,
+        max_batch_tokens: int = 4096,
+        batch_wait_s: float = 0.0,
+        revision: str | None = None,
+        params: dict | None = None,
+    ):
+        self.load = lambda path: pipeline(task, path, revision=revision, runtime=runtime, **(params or {}))
         self.models, self.default = dict(models or {}), model
         self.pipe = None if models else self.load(model)
 
@@ -117,9 +119,8 @@ class ModelServer:
         for (model_id, _), members in groups.items():
             pipe = await self._pipeline(model_id)
             features = [f for i in members for f in requests[i][0]]
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: pipe.run_model(features, params=requests[members[0]][1])
-            )
+            run = functools.partial(pipe.run_model, features, params=requests[members[0]][1])
+            outputs = await asyncio.get_running_loop().run_in_executor(None, run)
             start = 0
             for i in members:
                 n = len(requests[i][0])
@@ -137,146 +138,48 @@ class ModelServer:
         return dict(self.stats, loads=list(self.stats["loads"]))
 
 
-# -- the ingress --------------------------------------------------------------------------------------------------
-api = FastAPI(title="ray-pipelines", description=__doc__.split("\n")[0])
+# -- the ingress logic (no Ray) ---------------------------------------------------------------------------------
+class EncoderIngress(Ingress):
+    """The request -> response steps of an encoder application: check and preprocess a request's inputs with the
+    model's processor, hand the features to `forward(features, params, tokens, model_id)` (the model deployment,
+    where requests are batched together; any async function in tests), postprocess its outputs.
 
+    `processors(model_id)` gives the weightless pipeline of a served model ("" for the default)."""
 
-def _encode(vector: list[float], fmt: str):
-    if fmt == "float":
-        return vector
-    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+    routes = {"predict": "predict", "embeddings": "openai_embeddings", "embed": "tei_embed"}
 
-
-install_error_handlers(api)
-
-
-# serve.ingress pickles the app and the class where it decorates them: everything they use is defined above.
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-@serve.ingress(api)
-class Ingress:
-    """Validates, preprocesses and postprocesses on CPU; the model runs in `ModelServer`."""
-
-    def __init__(self, model_server, task: str, model: str, models: dict | None = None, revision: str | None = None,
-                 dtype: str | None = None, max_client_batch_size: int = 256, max_body_bytes: int = 2_000_000,
-                 max_in_flight: int = 128, request_timeout_s: float = 60.0, api_key: str | None = None,
-                 **params):  # fmt: skip
-        self.model_server = model_server
-        self.models, self.default = dict(models or {}), model
-        self.tokenize_only = lambda path: pipeline(task, path, revision=revision, load_weights=False, **params)
-        self.pipes = {model: self.tokenize_only(self.models.get(model, model))}
-        self.pipe = self.pipes[model]
-        self.info = {"model_id": model, "revision": revision, "task": self.pipe.task, "dtype": dtype or "float32",
-                     "max_input_length": self.pipe.max_length, "max_client_batch_size": max_client_batch_size}  # fmt: skip
-        if self.models:
-            self.info["models"] = sorted(self.models)
-        self.max_batch, self.max_body, self.max_in_flight = max_client_batch_size, max_body_bytes, max_in_flight
-        self.timeout_s, self.api_key = request_timeout_s, api_key
-        self.in_flight = 0
-        self.metrics = Metrics()
-
-    # -- routes -----------------------------------------------------------------------------------------------
-    @api.post("/")
-    async def predict_root(self, request: Request):
-        return await self._handle(request, "predict", self._predict)
-
-    @api.post("/predict")
-    async def predict(self, request: Request):
-        return await self._handle(request, "predict", self._predict)
-
-    @api.post("/v1/embeddings")
-    async def embeddings(self, request: Request):
-        return await self._handle(request, "embeddings", self._openai_embeddings)
-
-    @api.post("/embed")
-    async def embed(self, request: Request):
-        return await self._handle(request, "embed", self._tei_embed)
-
-    @api.get("/health")
-    async def health(self):
-        return {"status": "ok"}
-
-    @api.get("/info")
-    async def get_info(self):
-        return self.info
-
-    @api.get("/metrics")
-    async def get_metrics(self):
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    # -- the request path ----------------------------------------------------------------------------------------
-    async def _handle(self, request: Request, route: str, handler):
-        start = time.perf_counter()
-        try:
-            check_auth(request, self.api_key)
-            if self.in_flight >= self.max_in_flight:
-                raise busy(self.in_flight)
-            self.in_flight += 1
-            try:
-                body = await read_json(request, self.max_body)
-                model_id = self._model_id(request, body)
-                response = await asyncio.wait_for(handler(body, model_id), timeout=self.timeout_s)
-            finally:
-                self.in_flight -= 1
-        except asyncio.CancelledError:  # the client went away: Serve cancels this task and the model call
-            self.metrics.request(route, 499, "cancelled", time.perf_counter() - start)
-            raise
-        except ServeError as e:
-            self.metrics.request(route, e.status, e.kind, time.perf_counter() - start)
-            return e.response()
-        except TimeoutError:
-            self.metrics.request(route, 408, "timeout", time.perf_counter() - start)
-            return timeout_response(self.timeout_s)
-        except Exception:  # a bug or a broken model, not a bad request: logged, answered as such
-            logger.exception("internal error on %s", route)
-            self.metrics.request(route, 500, "internal", time.perf_counter() - start)
-            return internal_response()
-        self.metrics.request(route, 200, None, time.perf_counter() - start)
-        return response
-
-    def _model_id(self, request: Request, body) -> str:
-        """The multiplexed model a request asks for: header `serve_multiplexed_model_id`, else an OpenAI body's
-        `model` when this application serves several models; "" for the default model."""
-        model_id = request.headers.get(MODEL_HEADER, "")
-        if not model_id and self.models and isinstance(body, dict) and isinstance(body.get("model"), str):
-            model_id = body["model"]
-        if model_id and model_id != self.default and model_id not in self.models:
-            served = sorted(self.models) or [self.default]
-            raise ServeError(404, f"unknown model {model_id!r}; this application serves: {', '.join(served)}",
-                             "model_not_found")  # fmt: skip
-        return "" if model_id == self.default else model_id
-
-    def _pipe(self, model_id: str):
-        """The tokenizer-only pipeline of a model, built on first use (tokenizers are small)."""
-        key = model_id or self.default
-        if key not in self.pipes:
-            self.pipes[key] = self.tokenize_only(self.models[key])
-        return self.pipes[key]
+    def __init__(self, processors, forward, limits: Limits, default: str, served=(), info: dict | None = None):
+        self.processors, self.forward = processors, forward
+        pipe = processors("")
+        self.openai_routes = ("embeddings",) if pipe.task in EMBEDDING_TASKS else ()
+        info = {"max_input_length": pipe.max_length, "max_client_batch_size": limits.max_client_batch_size, **info}
+        super().__init__(pipe, limits, BatchMetrics(), default, served, info)
 
     def _items(self, inputs) -> tuple[list, bool]:
-        single = isinstance(inputs, (str, dict))
+        single = isinstance(inputs, (str, dict, bytes))
         items = [inputs] if single else inputs
         if not isinstance(items, list):
-            raise ServeError(422, f"inputs: expected a text, a dict or a list of them, got {type(inputs).__name__}",
-                             "validation")  # fmt: skip
+            raise validation_error(f"inputs: expected a text, a dict or a list of them, got {type(inputs).__name__}")
         if not items:
-            raise ServeError(422, "inputs: empty list; send at least one input", "validation")
-        if len(items) > self.max_batch:
-            raise ServeError(422, f"inputs: {len(items)} items, more than the maximum batch of {self.max_batch}",
-                             "validation")  # fmt: skip
+            raise validation_error("inputs: empty list; send at least one input")
+        if len(items) > self.limits.max_client_batch_size:
+            raise validation_error(
+                f"inputs: {len(items)} items, more than the maximum batch of {self.limits.max_client_batch_size}"
+            )
         return items, single
 
     async def _run(self, items: list, parameters: dict, model_id: str = "") -> tuple[list, int]:
-        """Preprocess on this replica, forward on the model server (batched with other requests), postprocess.
-        Returns the answers and the number of tokens the model read."""
-        pipe = self._pipe(model_id)
+        """Preprocess here, forward on the model deployment (batched with other requests), postprocess.
+        Returns the answers and the number of tokens (the features' lengths) the model read."""
+        pipe = self.processors(model_id)
         try:
-            pre, fwd, post = call_params(pipe, parameters)
+            pre, fwd, post = pipe.call_parameters(**parameters)
             parts = [pipe.preprocess_item(item, i, pre) for i, item in enumerate(items)]
         except (TypeError, ValueError, KeyError) as e:
-            raise ServeError(422, str(e).strip("'\""), "validation") from None
+            raise validation_error(str(e).strip("'\"")) from None
         features = [f for p in parts for f in p]
-        tokens = sum(len(f["input_ids"]) for f in features)
-        outputs, batch, queued_s = await self._forward(features, fwd, tokens, model_id)
+        tokens = sum(pipe.feature_length(f) for f in features)
+        outputs, batch, queued_s = await self.forward(features, fwd, tokens, model_id)
         self.metrics.batch(batch, tokens, queued_s)
         answers, start = [], 0
         for p in parts:
@@ -285,62 +188,120 @@ class Ingress:
             answers.append(to_plain(pipe.postprocess_item(merged, post)))
         return answers, tokens
 
-    async def _forward(self, features: list, params: dict, tokens: int, model_id: str):
-        """The model server's answer; a replica that dies under the request (killed, node lost) is retried on
-        another one: inference is idempotent, and the caller should not see a replica's death."""
-        handle = self.model_server.options(multiplexed_model_id=model_id) if model_id else self.model_server
-        for attempt in range(REPLICA_RETRIES + 1):
-            try:
-                return await handle.remote(features, params, tokens)
-            except RayActorError as e:
-                if attempt == REPLICA_RETRIES:
-                    raise ServeError(503, f"no model replica could serve the request ({type(e).__name__}); retry "
-                                          "later", "unavailable", {"Retry-After": "1"}) from None  # fmt: skip
-                logger.warning("model replica lost (%s); retrying the request on another", type(e).__name__)
-                await asyncio.sleep(0.1 * 2**attempt)
-
     # -- the three formats -------------------------------------------------------------------------------------
-    async def _predict(self, body, model_id: str):
-        request = parse(PredictRequest, body)
+    async def predict(self, incoming: Incoming):
+        request = parse(PredictRequest, incoming.body)
         items, single = self._items(request.inputs)
-        answers, _ = await self._run(items, request.parameters, model_id)
+        answers, _ = await self._run(items, request.parameters, incoming.model_id)
         return answers[0] if single else answers
 
     def _embedding_task(self):
         if self.pipe.task not in EMBEDDING_TASKS:
-            raise ServeError(404, f"this application serves {self.pipe.task!r}, not embeddings; use POST /predict",
-                             "not_found")  # fmt: skip
+            raise ServeError(
+                404, f"this application serves {self.pipe.task!r}, not embeddings; use POST /predict", "not_found"
+            )
 
-    async def _openai_embeddings(self, body, model_id: str):
+    async def openai_embeddings(self, incoming: Incoming):
         self._embedding_task()
-        request = parse(EmbeddingsRequest, body)
+        request = parse(oai.EmbeddingsRequest, incoming.body)
         items, _ = self._items(request.input)
-        vectors, tokens = await self._run(items, {}, model_id)
-        data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
-                for i, v in enumerate(vectors)]  # fmt: skip
-        return {"object": "list", "data": data, "model": request.model or model_id or self.default,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        vectors, tokens = await self._run(items, {}, incoming.model_id)
+        return oai.embedding_list(vectors, request.encoding_format, incoming.model_id or self.default, tokens)
 
-    async def _tei_embed(self, body, model_id: str):
+    async def tei_embed(self, incoming: Incoming):
         self._embedding_task()
-        request = parse(EmbedRequest, body)
+        request = parse(EmbedRequest, incoming.body)
         items, _ = self._items(request.inputs)
-        pipe = self._pipe(model_id)
+        pipe = self.processors(incoming.model_id)
         if not request.truncate:
             for i, text in enumerate(items):
                 n = len(pipe.tokenizer.encode(text, truncation=False))
                 if n > pipe.max_length:
-                    raise ServeError(422, f"inputs[{i}]: {n} tokens, more than the model's maximum of "
-                                          f"{pipe.max_length}; send truncate=true to cut it", "validation")  # fmt: skip
+                    raise validation_error(
+                        f"inputs[{i}]: {n} tokens, more than the model's maximum of {pipe.max_length}; "
+                        "send truncate=true to cut it"
+                    )
         if not request.normalize:
-            raise ServeError(422, "normalize: only true is served; the model's sentence-transformers files decide "
-                                  "the normalisation", "validation")  # fmt: skip
-        vectors, _ = await self._run(items, {}, model_id)
+            raise validation_error(
+                "normalize: only true is served; the model's sentence-transformers files decide the normalisation"
+            )
+        vectors, _ = await self._run(items, {}, incoming.model_id)
         return vectors
+
+
+# -- the ingress deployment -------------------------------------------------------------------------------------
+api = http_api(
+    "ray-pipelines",
+    __doc__.split("\n")[0],
+    {"predict": ("/", "/predict"), "embeddings": ("/v1/embeddings",), "embed": ("/embed",)},
+)
+
+
+async def _forward_with_retries(handle, features: list, params: dict, tokens: int, model_id: str):
+    """The model deployment's answer; a replica that dies under the request (killed, node lost) is retried on
+    another one: inference is idempotent, and the caller should not see a replica's death."""
+    handle = handle.options(multiplexed_model_id=model_id) if model_id else handle
+    for attempt in range(REPLICA_RETRIES + 1):
+        try:
+            return await handle.remote(features, params, tokens)
+        except RayActorError as e:
+            if attempt == REPLICA_RETRIES:
+                raise ServeError(
+                    503,
+                    f"no model replica could serve the request ({type(e).__name__}); retry later",
+                    "unavailable",
+                    {"Retry-After": "1"},
+                ) from None
+            logger.warning("model replica lost (%s); retrying the request on another", type(e).__name__)
+            await asyncio.sleep(0.1 * 2**attempt)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(api)
+class EncoderApp(ServeIngress):
+    """The ingress replica: an `EncoderIngress` whose model calls go to `ModelServer` through its handle."""
+
+    def __init__(
+        self,
+        model_server,
+        task: str,
+        model: str,
+        served_model_name: str | None = None,
+        models: dict | None = None,
+        revision: str | None = None,
+        dtype: str | None = None,
+        limits: dict | None = None,
+        params: dict | None = None,
+    ):
+        models = dict(models or {})
+        weightless = {}
+
+        def processors(model_id: str):  # the weightless pipeline of a model, built on first use (they are small)
+            key = model_id or model
+            if key not in weightless:
+                path = models.get(key, key)
+                weightless[key] = pipeline(task, path, revision=revision, load_weights=False, **(params or {}))
+            return weightless[key]
+
+        def forward(features, fwd, tokens, model_id):
+            return _forward_with_retries(model_server, features, fwd, tokens, model_id)
+
+        default = model if models else (served_model_name or model)
+        info = {"model_id": model, "revision": revision, "dtype": dtype or "float32"}
+        if models:
+            info["models"] = sorted(models)
+        self.core = EncoderIngress(processors, forward, Limits(**(limits or {})), default, models or (), info)
 
 
 # -- building the application -----------------------------------------------------------------------------
 SMALL_REQUEST_TOKENS = 32  # one short sentence with its special tokens: what a batch must be able to hold
+ENCODER_ARGS = {
+    **COMMON_ARGS,
+    "models": dict,  # {id: Hub id or folder}: multiplexed, selected by the request's model id
+    "max_models_per_replica": int,
+    "max_batch_tokens": int,  # tokens of concurrent requests gathered into one model call
+    "batch_wait_s": float,
+}
 
 
 def model_ongoing_requests(max_batch_tokens: int, given=None) -> int:
@@ -356,9 +317,10 @@ def model_ongoing_requests(max_batch_tokens: int, given=None) -> int:
     if isinstance(given, bool) or not isinstance(given, int) or given < 1:
         raise ValueError(f"max_ongoing_requests must be a positive integer, got {given!r}")
     if given < fill:
-        raise ValueError(f"max_ongoing_requests={given} cannot fill a batch of max_batch_tokens={max_batch_tokens} "
-                         f"({fill} requests of {SMALL_REQUEST_TOKENS} tokens): raise it to >= {fill} or lower "
-                         "max_batch_tokens")  # fmt: skip
+        raise ValueError(
+            f"max_ongoing_requests={given} cannot fill a batch of max_batch_tokens={max_batch_tokens} "
+            f"({fill} requests of {SMALL_REQUEST_TOKENS} tokens): raise it to >= {fill} or lower max_batch_tokens"
+        )
     return given
 
 
@@ -371,33 +333,55 @@ def model_deployment_options(args: dict, gpus: float, max_batch_tokens: int) -> 
 def build_app(args: dict):
     """The application for `serve run deploy.app:build_app key=value ...` or a config's `args:`.
 
-    args: task, model, and optionally revision, dtype, device, max_batch_tokens, batch_wait_s, model_replicas
-    or autoscaling (Serve's autoscaling_config for the model deployment), max_ongoing_requests, models
-    ({id: Hub id or folder}, multiplexed, selected by the `serve_multiplexed_model_id` header) with
-    max_models_per_replica, ingress_replicas, num_gpus, max_client_batch_size, max_body_bytes, max_in_flight,
-    request_timeout_s, api_key, threads, and the task's parameters under `params`. task=text-generation builds
-    deploy.generation's application instead (OpenAI completions and chat, streaming).
+    args (ENCODER_ARGS; an unknown key is refused here, naming the allowed ones): task, model, and optionally
+    served_model_name (the id clients send as `model`; default `model`), revision, the model replicas' runtime
+    (device, dtype, threads, quantization), max_batch_tokens, batch_wait_s, model_replicas or autoscaling (Serve's
+    autoscaling_config for the model deployment), max_ongoing_requests, num_gpus, models ({id: Hub id or folder},
+    multiplexed, selected by the `serve_multiplexed_model_id` header or the body's `model`) with
+    max_models_per_replica, ingress_replicas, the ingress limits (max_client_batch_size, max_body_bytes,
+    max_in_flight, request_timeout_s, api_key), and the task's parameters under `params`. task=text-generation
+    builds deploy.generation's application instead (OpenAI completions and chat, streaming).
     """
-    if args.get("task") == "text-generation":  # streams from a continuous-batching engine: its own application
+    if isinstance(args, dict) and args.get("task") == "text-generation":  # streams from an engine: its own app
         from deploy.generation import build_generation_app
 
         return build_generation_app(args)
-    args = dict(args)
+    args = read_args("deploy.app:build_app", args, ENCODER_ARGS)
     task, model = args.pop("task", None), args.pop("model", None)
-    if model is None:
-        raise ValueError("build_app needs model= (a Hub id or a folder)")
-    params = dict(args.pop("params", {}) or {})
+    if task is None or model is None:
+        raise ValueError("deploy.app:build_app needs task= and model= (a Hub id or a folder)")
     models = args.pop("models", None)
-    if models is not None and (not isinstance(models, dict) or not models):
+    if models is not None and not models:
         raise ValueError(f"models must be a non-empty mapping of model id -> Hub id or folder, got {models!r}")
     if models is not None and model not in models:
         raise ValueError(f"model={model!r} (the default) must be one of models: {sorted(models)}")
-    gpus = float(args.pop("num_gpus", 1 if torch.cuda.is_available() else 0))
-    max_batch_tokens = int(args.pop("max_batch_tokens", 16384 if gpus else 4096))
+    if models is not None and "served_model_name" in args:
+        raise ValueError("served_model_name names a single model; with models, the ids are the models' keys")
+    params, revision = args.pop("params", {}), args.pop("revision", None)
+    runtime, gpus = replica_runtime(args), replica_gpus(args)
+    max_batch_tokens = request_batch_tokens(args, gpus)
     model_server = ModelServer.options(**model_deployment_options(args, gpus, max_batch_tokens)).bind(
-        task, model, models=models, max_models_per_replica=int(args.pop("max_models_per_replica", 3)),
-        dtype=args.get("dtype"), device=args.pop("device", None), max_batch_tokens=max_batch_tokens,
-        batch_wait_s=float(args.pop("batch_wait_s", 0.0)), threads=args.pop("threads", None), **params,
-    )  # fmt: skip
-    ingress = Ingress.options(num_replicas=int(args.pop("ingress_replicas", 1)))
-    return ingress.bind(model_server, task, model, models=models, **args, **params)
+        task,
+        model,
+        runtime,
+        models=models,
+        max_models_per_replica=args.pop("max_models_per_replica", 3),
+        max_batch_tokens=max_batch_tokens,
+        batch_wait_s=args.pop("batch_wait_s", 0.0),
+        revision=revision,
+        params=params,
+    )
+    limits = {"max_client_batch_size": 256, **{k: args.pop(k) for k in LIMIT_ARGS if k in args}}
+    Limits(**limits)  # checked here, before Serve starts
+    ingress = EncoderApp.options(num_replicas=args.pop("ingress_replicas", 1))
+    return ingress.bind(
+        model_server,
+        task,
+        model,
+        served_model_name=args.pop("served_model_name", None),
+        models=models,
+        revision=revision,
+        dtype=runtime.dtype if isinstance(runtime.dtype, str) else None,
+        limits=limits,
+        params=params,
+    )

@@ -1,103 +1,117 @@
-"""What the Serve applications share: the error convention, request reading and checking, and replica settings.
+"""How every Serve application reads its build arguments and sizes its model deployment.
 
-Errors follow TEI / OpenAI: `{"error": "...", "error_type": "..."}` with a 4xx status for a bad request (never
-500), 413 for a body over the limit, 401 without the configured bearer token, 408 on timeout, 503 with
-Retry-After when busy. Everything here is a plain function or class: the ingress deployments import it, so
-Serve's pickling of those classes never needs these definitions by value.
+    args = read_args("deploy.app:build_app", given, ENCODER_ARGS)   # unknown or misspelt keys fail here, naming them
+    runtime = replica_runtime(args)                                  # the model replicas' RuntimeConfig
+    options = replica_options(args, max_ongoing)                     # ModelServer.options(...)
+
+Build arguments arrive from a config's `args:` (typed YAML) or from `serve run module:app key=value` (strings):
+`read_args` converts them to the kinds in the schema, and refuses a key the application does not read, with the
+closest allowed one, before Serve starts anything (a leftover never reaches a replica). Task parameters go under
+`params`; runtime options (device, dtype, threads, quantization) build one `RuntimeConfig` for the replicas that
+hold the model.
 """
 
+from __future__ import annotations
+
+import difflib
 import json
-from typing import Any
 
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pipelines.runtime import DEVICE_DEFAULTS, RuntimeConfig, accelerator_type
 
-
-class ServeError(Exception):
-    """An error answered to the client with `status` and `{"error": message, "error_type": kind}`."""
-
-    def __init__(self, status: int, message: str, kind: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, "error_type": self.kind}, status_code=self.status,
-                            headers=self.headers)  # fmt: skip
-
-
-class Body(BaseModel):
-    """A request body: unknown fields are refused (422 naming them), not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class PredictRequest(Body):
-    """Hugging Face Inference API: one input or a list; `parameters` are the task's (`top_k`, ...)."""
-
-    inputs: Any = Field(description="a text, a dict (QA, text pairs), a chat, or a list of them")
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-
-def install_error_handlers(api) -> None:
-    """FastAPI's own validation errors (a route's typed parameters) in our format."""
-
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(_request, exc: RequestValidationError):
-        return JSONResponse({"error": str(exc), "error_type": "validation"}, status_code=422)
+# name -> kind; a kind is a type or a tuple of types; str values are converted where the kind is a number,
+# a boolean or a mapping.
+COMMON_ARGS: dict[str, type | tuple] = {
+    "task": str,
+    "model": str,  # a Hub id or a folder: the default model
+    "served_model_name": str,  # the id clients name in `model` (default: `model`)
+    "revision": str,
+    "params": dict,  # the task's default parameters
+    # the model deployment
+    "num_gpus": float,
+    "model_replicas": int,
+    "autoscaling": dict,
+    "max_ongoing_requests": int,
+    # the model replicas' runtime
+    "device": str,
+    "dtype": str,
+    "threads": int,
+    "quantization": str,
+    # the ingress
+    "ingress_replicas": int,
+    "max_client_batch_size": int,
+    "max_body_bytes": int,
+    "max_in_flight": int,
+    "request_timeout_s": float,
+    "api_key": str,
+}
+RUNTIME_ARGS = ("device", "dtype", "threads", "quantization")
+LIMIT_ARGS = ("max_client_batch_size", "max_body_bytes", "max_in_flight", "request_timeout_s", "api_key")
 
 
-def check_auth(request: Request, api_key: str | None) -> None:
-    if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-        raise ServeError(401, "missing or wrong bearer token (Authorization: Bearer <key>)", "authentication")
+def read_args(app: str, given: dict, schema: dict[str, type | tuple]) -> dict:
+    """`given` checked against `schema`: every key known (else ValueError naming it, the closest allowed one and the
+    allowed ones), values of the schema's kind (strings from the command line converted). None means unset."""
+    if not isinstance(given, dict):
+        raise ValueError(f"{app}: build arguments must be a mapping, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        hints = [_hint(k, schema) for k in unknown]
+        raise ValueError(f"{app}: unknown argument(s) {', '.join(hints)}; allowed: {', '.join(sorted(schema))}")
+    return {name: _convert(name, value, schema[name]) for name, value in given.items() if value is not None}
 
 
-def busy(in_flight: int) -> ServeError:
-    return ServeError(503, f"server busy: {in_flight} requests in flight (the most this replica accepts); retry "
-                           "later", "overloaded", {"Retry-After": "1"})  # fmt: skip
+def _hint(key: str, schema) -> str:
+    close = difflib.get_close_matches(key, schema, 1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
-def timeout_response(timeout_s: float) -> JSONResponse:
-    return JSONResponse({"error": f"the request took longer than {timeout_s} s", "error_type": "timeout"},
-                        status_code=408)  # fmt: skip
+def _convert(name: str, value, kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return value
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            if int in kinds:
+                return int(value)
+            if float in kinds:
+                return float(value)
+            if bool in kinds and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if dict in kinds or list in kinds:
+                parsed = json.loads(value)
+                if isinstance(parsed, kinds):
+                    return parsed
+        except ValueError:
+            pass
+    wanted = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+    }
+    raise ValueError(f"{name} must be {' or '.join(wanted[k] for k in kinds)}, got {value!r}")
 
 
-def internal_response() -> JSONResponse:
-    """A bug or a broken model, not a bad request: the caller has logged it."""
-    return JSONResponse({"error": "internal error; see the server log", "error_type": "internal"}, status_code=500)
+def replica_runtime(args: dict) -> RuntimeConfig:
+    """The model replicas' RuntimeConfig (pops the runtime options): on the accelerator when the replica has one."""
+    return RuntimeConfig.create(**{k: args.pop(k, None) for k in RUNTIME_ARGS}).on_accelerator()
 
 
-async def read_json(request: Request, max_body: int):
-    """The JSON body; 413 over `max_body` bytes (checked before reading where the length is declared), 422 if
-    it is not JSON."""
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > max_body:
-        raise ServeError(413, f"request body of {size} bytes is over the limit of {max_body}", "payload_too_large")
-    raw = await request.body()
-    if len(raw) > max_body:
-        raise ServeError(413, f"request body of {len(raw)} bytes is over the limit of {max_body}", "payload_too_large")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ServeError(422, f"the body is not valid JSON: {e}", "validation") from None
+def replica_gpus(args: dict) -> float:
+    """GPUs per model replica (pops `num_gpus`): one when the machine building the application has an accelerator."""
+    return float(args.pop("num_gpus", 1.0 if accelerator_type() != "cpu" else 0.0))
 
 
-def parse(model: type[BaseModel], body):
-    """`body` validated as `model`; 422 naming the first fields that are wrong."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
-        raise ServeError(422, detail or str(e), "validation") from None
+def request_batch_tokens(args: dict, gpus: float) -> int:
+    """Tokens of concurrent requests gathered into one model call (pops `max_batch_tokens`): DEVICE_DEFAULTS'."""
+    default = DEVICE_DEFAULTS["cuda" if gpus else "cpu"].request_batch_tokens
+    return int(args.pop("max_batch_tokens", default))
 
 
-def call_params(pipe, parameters: dict) -> tuple[dict, dict, dict]:
-    """The pipeline's construction-time parameters overlaid with a request's `parameters`."""
-    return pipe.call_parameters(**parameters)
-
-
-# -- replica settings ---------------------------------------------------------------------------------------------
 def autoscaling(given, max_ongoing_requests: int) -> dict | None:
     """The model deployment's `autoscaling_config`, checked against its `max_ongoing_requests`.
 
@@ -118,8 +132,10 @@ def autoscaling(given, max_ongoing_requests: int) -> dict | None:
         raise ValueError(f"autoscaling: unknown setting(s) {unknown}; Serve's settings: {known}")
     config = {"target_ongoing_requests": max(1, max_ongoing_requests // 2), **given}
     if config["target_ongoing_requests"] > max_ongoing_requests:
-        raise ValueError(f"autoscaling target_ongoing_requests={config['target_ongoing_requests']} can never be "
-                         f"reached: a model replica holds at most max_ongoing_requests={max_ongoing_requests}")  # fmt: skip
+        raise ValueError(
+            f"autoscaling target_ongoing_requests={config['target_ongoing_requests']} can never be "
+            f"reached: a model replica holds at most max_ongoing_requests={max_ongoing_requests}"
+        )
     try:
         AutoscalingConfig(**config)
     except Exception as e:  # pydantic's error names the field and the rule
@@ -130,6 +146,8 @@ def autoscaling(given, max_ongoing_requests: int) -> dict | None:
 def replica_options(args: dict, gpus: float, max_ongoing: int) -> dict:
     """A model deployment's `.options(...)` (pops what it uses from build args): a fixed `model_replicas` or
     `autoscaling`, fractional CPUs without a GPU (they fit 2-core machines), and `max_ongoing`."""
+    if isinstance(max_ongoing, bool) or not isinstance(max_ongoing, int) or max_ongoing < 1:
+        raise ValueError(f"max_ongoing_requests must be a positive integer, got {max_ongoing!r}")
     options = {
         "ray_actor_options": {"num_cpus": 1.0 if gpus else 0.25, "num_gpus": gpus},
         "max_ongoing_requests": max_ongoing,

@@ -1,6 +1,10 @@
-"""Prometheus text metrics of an ingress replica: requests by route and status, errors by type, tokens,
-request latency, the sizes of the model batches its requests ran in (dynamic batching made visible) and the
-time requests waited in the model replica's batch queue."""
+"""Prometheus text metrics of an ingress replica.
+
+Every application counts requests by route and status, errors by type, and request latency (`Metrics`). The
+encoder applications add tokens, the sizes of the model batches their requests ran in (dynamic batching made
+visible) and the time requests waited in the model replica's batch queue (`BatchMetrics`); text generation adds
+prompt and generated tokens, time to first token and the sequences the engine ran at once (`GenerationMetrics`).
+"""
 
 from __future__ import annotations
 
@@ -28,14 +32,17 @@ class Histogram:
         return lines
 
 
+def counter(name: str, value) -> list[str]:
+    return [f"# TYPE {name} counter", f"{name} {value}"]
+
+
 class Metrics:
+    """Requests by route and status, errors by type, latency; subclasses add their lines in `extra_lines`."""
+
     def __init__(self):
         self.requests: Counter = Counter()  # (route, status)
         self.errors: Counter = Counter()  # error type
-        self.tokens = 0
         self.latency = Histogram(LATENCY_BUCKETS)
-        self.batch_requests = Histogram(BATCH_BUCKETS)
-        self.queue = Histogram(LATENCY_BUCKETS)
 
     def request(self, route: str, status: int, error: str | None, seconds: float) -> None:
         self.requests[(route, status)] += 1
@@ -43,18 +50,56 @@ class Metrics:
             self.errors[error] += 1
         self.latency.observe(seconds)
 
+    def extra_lines(self) -> list[str]:
+        return []
+
+    def render(self) -> str:
+        lines = ["# TYPE pipelines_requests_total counter"]
+        lines += [
+            f'pipelines_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
+        ]
+        lines += ["# TYPE pipelines_errors_total counter"]
+        lines += [f'pipelines_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
+        lines += self.latency.render("pipelines_request_seconds")
+        return "\n".join(lines + self.extra_lines()) + "\n"
+
+
+class BatchMetrics(Metrics):
+    """Plus the tokens read, requests per model batch and the time queued for a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = 0
+        self.batch_requests = Histogram(BATCH_BUCKETS)
+        self.queue = Histogram(LATENCY_BUCKETS)
+
     def batch(self, requests_in_batch: int, tokens: int, queued_s: float) -> None:
         self.batch_requests.observe(requests_in_batch)
         self.queue.observe(queued_s)
         self.tokens += tokens
 
-    def render(self) -> str:
-        lines = ["# TYPE pipelines_requests_total counter"]
-        lines += [f'pipelines_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
-        lines += ["# TYPE pipelines_errors_total counter"]
-        lines += [f'pipelines_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
-        lines += ["# TYPE pipelines_tokens_total counter", f"pipelines_tokens_total {self.tokens}"]
-        lines += self.latency.render("pipelines_request_seconds")
-        lines += self.batch_requests.render("pipelines_model_batch_requests")
-        lines += self.queue.render("pipelines_model_queue_seconds")
-        return "\n".join(lines) + "\n"
+    def extra_lines(self) -> list[str]:
+        return (
+            counter("pipelines_tokens_total", self.tokens)
+            + self.batch_requests.render("pipelines_model_batch_requests")
+            + self.queue.render("pipelines_model_queue_seconds")
+        )
+
+
+class GenerationMetrics(Metrics):
+    """Plus prompt and generated tokens, time to first token and the number of sequences the engine ran at once
+    while a request's tokens were made (its peak)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt_tokens = self.generated_tokens = 0
+        self.first_token = Histogram(LATENCY_BUCKETS)
+        self.engine_sequences = Histogram(BATCH_BUCKETS)
+
+    def extra_lines(self) -> list[str]:
+        return (
+            counter("pipelines_prompt_tokens_total", self.prompt_tokens)
+            + counter("pipelines_generated_tokens_total", self.generated_tokens)
+            + self.first_token.render("pipelines_time_to_first_token_seconds")
+            + self.engine_sequences.render("pipelines_engine_sequences")
+        )

@@ -160,6 +160,11 @@ def parse_dtype(dtype, config: dict | None = None) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(DTYPES)}, 'auto', or the torch dtypes")
 
 
+def accelerator_type() -> str:
+    """The device type "auto" picks on this machine: "cuda" when a CUDA device is present, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _device_form(device) -> torch.device:
     """The device `device` names, checked for form only (not whether this machine has it)."""
     if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
@@ -181,7 +186,7 @@ def parse_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(accelerator_type())
     device = _device_form(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA device; use 'cpu'")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
+import requests
 import torch
-
-ray = pytest.importorskip("ray")
-requests = pytest.importorskip("requests")
 from ray import serve
 
 from deploy.app import build_app
+from deploy.router import build_router
 from pipelines import pipeline
 from tests.checkpoints import SENTENCES
 
@@ -41,8 +41,8 @@ def server(checkpoint):
         scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0,
                    "metrics_interval_s": 0.5, "look_back_period_s": 1}  # fmt: skip
         apps = {
-            "emb": {"task": "sentence-embeddings", "model": str(emb), "batch_wait_s": 0.05, "max_client_batch_size": 64,
-                    "max_body_bytes": 200_000},
+            "emb": {"task": "sentence-embeddings", "model": str(emb), "served_model_name": "mini", "batch_wait_s": 0.05,
+                    "max_client_batch_size": 64, "max_body_bytes": 200_000},
             "clf": {"task": "text-classification", "model": str(clf)},
             "qa": {"task": "question-answering", "model": str(QA_MODEL)},
             "busy": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.5, "max_in_flight": 2},
@@ -53,9 +53,14 @@ def server(checkpoint):
             "wait": {"task": "text-classification", "model": str(clf), "batch_wait_s": 2.0},
             "auto": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.2, "autoscaling": scaling},
         }  # fmt: skip
-        serve.run_many([serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in apps.items()])
+        targets = [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in apps.items()]
+        targets.append(serve.RunTarget(build_router(), name="openai", route_prefix="/"))  # every app above
+        serve.run_many(targets)
         paths = {"emb": emb, "clf": clf, **classifiers}
-        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"paths": paths}
+        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {
+            "paths": paths,
+            "root": f"http://127.0.0.1:{port}",
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -95,8 +100,12 @@ def test_openai_embeddings_and_tei_embed(server):
     body = r.json()
     assert r.status_code == 200 and body["object"] == "list" and body["model"] == "mini"
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
-    torch.testing.assert_close(torch.tensor([d["embedding"] for d in body["data"]]), torch.tensor(expected), atol=1e-6, rtol=0)
-    tokens = sum(len(pipeline("sentence-embeddings", path, load_weights=False).preprocess(t)["input_ids"]) for t in SENTENCES[:3])
+    torch.testing.assert_close(
+        torch.tensor([d["embedding"] for d in body["data"]]), torch.tensor(expected), atol=1e-6, rtol=0
+    )
+    tokens = sum(
+        len(pipeline("sentence-embeddings", path, load_weights=False).preprocess(t)["input_ids"]) for t in SENTENCES[:3]
+    )
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
     r = _post(server["emb"] + "/v1/embeddings", {"input": SENTENCES[0], "encoding_format": "base64"})
     vector = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype=np.float32)
@@ -193,9 +202,13 @@ def test_bearer_token(server):
 def test_concurrent_requests_are_batched_together(server):
     """Sixteen concurrent requests within the 50 ms batch window: the model served some of them together."""
     with ThreadPoolExecutor(16) as pool:
-        assert all(r.status_code == 200 for r in pool.map(lambda i: _post(server["emb"], {"inputs": f"t {i}"}), range(16)))
+        assert all(
+            r.status_code == 200 for r in pool.map(lambda i: _post(server["emb"], {"inputs": f"t {i}"}), range(16))
+        )
     metrics = requests.get(server["emb"] + "/metrics", timeout=10).text
-    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    counts = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")
+    }
     singles = counts['pipelines_model_batch_requests_bucket{le="1"}']
     assert counts["pipelines_model_batch_requests_count"] > singles, metrics
     assert 'pipelines_requests_total{route="predict",status="422"}' in metrics
@@ -230,7 +243,9 @@ def test_multiplexed_models_selected_by_header_with_lru(server):
     assert _model_stats("multi")["loads"] == ["bert", "roberta", "distilbert", "roberta"]
     r = _post(server["multi"], {"inputs": "x"}, headers={header: "gpt9"})
     assert r.status_code == 404 and r.json() == {
-        "error": "unknown model 'gpt9'; this application serves: bert, distilbert, roberta", "error_type": "model_not_found"}
+        "error": "unknown model 'gpt9'; this application serves: bert, distilbert, roberta",
+        "error_type": "model_not_found",
+    }
     assert requests.get(server["multi"] + "/info", timeout=10).json()["models"] == ["bert", "distilbert", "roberta"]
 
 
@@ -310,3 +325,26 @@ def test_autoscaling_adds_a_model_replica_under_load(server):
         for t in threads:
             t.join()
     assert _running_replicas("auto") == 2
+
+
+def test_one_openai_root_lists_and_routes_every_model(server):
+    """`OpenAI(base_url=<root>/v1)`: the model list holds every application's models with their task; embeddings
+    go to the application serving `model` and equal the in-process pipeline; an unknown model is NotFoundError
+    with code model_not_found, at the root and under an application's own prefix alike."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["root"] + "/v1", api_key="unused", max_retries=0)
+    listed = {m.id: m.task for m in client.models.list().data}
+    assert listed["mini"] == "sentence-embeddings" and listed["roberta"] == "text-classification"
+    assert (
+        listed[str(server["paths"]["clf"])] == "text-classification" and listed[str(QA_MODEL)] == "question-answering"
+    )
+    expected = pipeline("sentence-embeddings", server["paths"]["emb"])(SENTENCES[:2])
+    answer = client.embeddings.create(model="mini", input=SENTENCES[:2])
+    got = torch.tensor([d.embedding for d in answer.data])
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert e.value.code == "model_not_found"
+    r = _post(server["emb"] + "/v1/embeddings", {"input": "x", "model": "text-embedding-3-small"})
+    assert r.status_code == 404 and r.json()["error_type"] == "model_not_found"

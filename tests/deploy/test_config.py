@@ -47,7 +47,7 @@ def test_bad_autoscaling_settings_are_refused_before_serve_starts(args, message)
 def test_multiplexed_models_must_include_the_default():
     with pytest.raises(ValueError, match=r"model='c' \(the default\) must be one of models: \['a', 'b'\]"):
         build_app({"task": "text-classification", "model": "c", "models": {"a": "x", "b": "y"}})
-    with pytest.raises(ValueError, match="models must be a non-empty mapping"):
+    with pytest.raises(ValueError, match="models must be a mapping, got \[.c.\]"):
         build_app({"task": "text-classification", "model": "c", "models": ["c"]})
 
 

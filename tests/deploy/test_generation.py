@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-ray = pytest.importorskip("ray")
-requests = pytest.importorskip("requests")
+import ray
+import requests
 from ray import serve
 
 from deploy.generation import build_generation_app
+from deploy.router import build_router
 from pipelines import pipeline
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog", "My name is John and I live in"]
@@ -46,16 +46,17 @@ def server(paths):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         apps = {
-            "qwen": {"task": "text-generation", "model": str(paths["qwen"])},
+            "qwen": {"task": "text-generation", "model": str(paths["qwen"]), "served_model_name": "tiny"},
             "gpt2": {"model": str(paths["gpt2"]), "api_key": "s3cret", "max_client_batch_size": 8,
                      "max_body_bytes": 100_000},
             # no end-of-sequence token: every sequence runs to its max_tokens, about 10 ms a token
             "slow": {"model": str(paths["slow"]), "params": {"eos_token_id": []}, "max_in_flight": 2,
                      "request_timeout_s": 2.0, "max_sequences": 4},
         }  # fmt: skip
-        serve.run_many([serve.RunTarget(build_generation_app(args), name=name, route_prefix=f"/{name}")
-                        for name, args in apps.items()])  # fmt: skip
-        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps}
+        targets = [serve.RunTarget(build_generation_app(a), name=n, route_prefix=f"/{n}") for n, a in apps.items()]
+        targets.append(serve.RunTarget(build_router({"applications": ["qwen"]}), name="openai", route_prefix="/"))
+        serve.run_many(targets)
+        yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"root": f"http://127.0.0.1:{port}"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -237,32 +238,6 @@ def test_stop_strings_cut_exactly_before_the_stop(server, local):
         cut = _post(server["qwen"] + "/v1/chat/completions",
                     {"messages": CHAT, "max_tokens": 3, "temperature": 0, "stop": text[1:]}).json()  # fmt: skip
         assert cut["choices"][0]["message"]["content"] == text[:1]
-
-
-def _pieces(choice, text: str, reasons: dict | None = None) -> list[str]:
-    """Push `text` one character (token) at a time; the pieces the choice lets out."""
-    reasons = reasons or {len(text) - 1: "length"}
-    return [choice.push(ord(c), reasons.get(i)) for i, c in enumerate(text) if choice.finish_reason is None]
-
-
-@pytest.mark.parametrize("text, stops, context, output, reason", [
-    ("hello world", ("wor",), "", "hello ", "stop"),  # the ingress cuts even where the engine did not stop
-    ("lo there", ("Hello",), "say Hel", "", "stop"),  # a stop string begun in the prompt
-    ("abx", ("abc",), "", "abx", "length"),  # held back while it could become "abc", then let out
-    ("one two", ("zz", "two", "e t"), "", "on", "stop"),  # the earliest of several
-    ("plain", (), "", "plain", "length"),
-])  # fmt: skip
-def test_streamed_text_never_shows_a_stop_string(text, stops, context, output, reason):
-    """Streamed pieces join to the final text, which ends before the first stop string: a piece that could begin a
-    stop string waits for the next tokens, since what is sent cannot be taken back."""
-    from deploy.generation import _Choice
-
-    decode = lambda ids: "".join(map(chr, ids))  # noqa: E731 - one character per token
-    streamed = _Choice(decode, stops, context, incremental=True)
-    pieces = _pieces(streamed, text)
-    assert "".join(pieces) == output == streamed.output and streamed.finish_reason == reason
-    whole = _Choice(decode, stops, context)
-    assert all(piece == "" for piece in _pieces(whole, text)[:-1]) and whole.output == output
 
 
 # -- concurrency, overload, timeouts, cancellation ----------------------------------------------------------------
@@ -448,7 +423,8 @@ def test_health_info_metrics_and_docs(server):
     assert info["task"] == "text-generation" and info["max_context"] == 128 and info["chat_template"] is True
     assert requests.get(server["qwen"] + "/docs", timeout=10).status_code == 200
     assert {"/v1/completions", "/v1/chat/completions", "/predict"} <= set(
-        requests.get(server["qwen"] + "/openapi.json", timeout=10).json()["paths"])
+        requests.get(server["qwen"] + "/openapi.json", timeout=10).json()["paths"]
+    )
     _post(server["qwen"] + "/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0})
     _post(server["qwen"] + "/v1/completions", {"prompt": ""})
     metrics = _metrics(server["qwen"])
@@ -476,7 +452,7 @@ def test_the_shipped_serve_config_is_valid_and_builds():
 @pytest.mark.parametrize("args, message", [
     ({"task": "text-generation"}, "needs model="),
     ({"model": "m", "task": "text-classification"}, "serves task 'text-generation'"),
-    ({"model": "m", "max_sequence": 4}, r"unknown argument\(s\) \['max_sequence'\]; known: .*max_sequences"),
+    ({"model": "m", "max_sequence": 4}, r"unknown argument\(s\) 'max_sequence' \(did you mean 'max_sequences'\?\); allowed: .*max_sequences"),
     ({"model": "m", "model_replicas": 2, "autoscaling": {"max_replicas": 2}}, "either model_replicas"),
     ({"model": "m", "max_ongoing_requests": 0}, "max_ongoing_requests must be a positive integer"),
     ({"model": "m", "max_in_flight": "many"}, "max_in_flight must be an integer, got 'many'"),
@@ -491,5 +467,26 @@ def test_command_line_arguments_are_converted():
     app = build_generation_app({"model": "m", "max_sequences": "8", "request_timeout_s": "30", "max_in_flight": "4"})
     ingress = app._bound_deployment
     server = ingress.init_args[0]._bound_deployment
-    assert ingress.init_kwargs["request_timeout_s"] == 30.0 and ingress.init_kwargs["max_in_flight"] == 4
-    assert server.init_kwargs["max_sequences"] == 8 and server.max_ongoing_requests == 8
+    assert ingress.init_kwargs["limits"] == {"request_timeout_s": 30.0, "max_in_flight": 4}
+    assert server.init_args[1].batch_size == 8 and server.max_ongoing_requests == 8
+
+
+def test_the_openai_client_reaches_the_root_and_streams(server, local):
+    """`OpenAI(base_url=.../v1)` against the root: the model list, a greedy completion equal to the in-process
+    pipeline's, a streamed chat joined to the plain one, and an unknown model as the client's NotFoundError."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["root"] + "/v1", api_key="unused", max_retries=0)
+    assert [(m.id, m.task) for m in client.models.list().data] == [("tiny", "text-generation")]
+    answer = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    ((text, _, _),) = _reference(local["qwen"], PROMPTS[:1], {"max_new_tokens": 8, "do_sample": False})
+    assert answer.choices[0].text == text and answer.model == "tiny"
+    chat = {"model": "tiny", "messages": CHAT, "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    pieces = [
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True) if c.choices
+    ]
+    assert "".join(pieces) == whole
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt="hi")
+    assert e.value.code == "model_not_found" and "tiny" in e.value.message
