@@ -130,7 +130,14 @@ def serve_ours(folder: Path, threads: int, **args):
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
-        {"task": "sentence-embeddings", "model": str(folder), "threads": threads, "max_in_flight": 256, **args}
+        {
+            "task": "sentence-embeddings",
+            "model": str(folder),
+            "served_model_name": "m",
+            "threads": threads,
+            "max_in_flight": 256,
+            **args,
+        }
     )
     serve.run(app, name="emb", route_prefix="/emb")
 

@@ -68,8 +68,13 @@ def _containers(pod_template: dict) -> list[dict]:
 def test_the_expected_manifests_exist():
     """Guards a renamed or deleted manifest that the README and the other tests rely on."""
     names = {p.relative_to(CLUSTER).as_posix() for p in YAML_FILES}
-    assert {"launcher.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-            "kuberay/rayservice.yaml"} <= names
+    assert {
+        "launcher.yaml",
+        "runtime_env.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/rayservice.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(CLUSTER).as_posix())
@@ -231,11 +236,14 @@ def test_rayservice_serve_config_builds_the_deploy_application():
     from ray.serve.schema import ServeDeploySchema
 
     from deploy.app import build_app
+    from deploy.router import build_router
 
     config = yaml.safe_load(_load("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
     ServeDeploySchema(**config)
-    (app,) = config["applications"]
+    app, root = config["applications"]
     assert app["import_path"] == "deploy.app:build_app"
+    assert (root["import_path"], root["route_prefix"]) == ("deploy.router:build_router", "/")
+    assert build_router(root.get("args")) is not None
     assert app["runtime_env"]["env_vars"] == _load("runtime_env.yaml")["env_vars"]
     assert build_app(app["args"]) is not None
     group = _load("kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]

@@ -444,9 +444,12 @@ def test_the_shipped_serve_config_is_valid_and_builds():
     config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "generation.yaml").read_text())
     ServeDeploySchema(**config)
     assert config["http_options"]["host"] == "127.0.0.1"
-    for app in config["applications"]:
+    *apps, root = config["applications"]
+    for app in apps:
         assert app["import_path"] == "deploy.generation:build_generation_app"
         assert build_generation_app(app["args"]) is not None
+    assert (root["import_path"], root["route_prefix"]) == ("deploy.router:build_router", "/")
+    assert build_router(root.get("args")) is not None
 
 
 @pytest.mark.parametrize("args, message", [
