@@ -17,6 +17,7 @@ import ray
 import requests
 import torch
 from ray import serve
+from tokenizers import Tokenizer
 
 from deploy.app import build_app
 from deploy.router import build_router
@@ -36,23 +37,41 @@ def server(checkpoint):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         emb, clf = checkpoint("bert"), checkpoint("bert", "sequence-classification")
-        classifiers = {family: str(checkpoint(family, "sequence-classification"))
-                       for family in ("bert", "roberta", "distilbert")}  # fmt: skip
-        scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0,
-                   "metrics_interval_s": 0.5, "look_back_period_s": 1}  # fmt: skip
+        classifiers = {
+            family: str(checkpoint(family, "sequence-classification")) for family in ("bert", "roberta", "distilbert")
+        }
+        scaling = {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 0,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 1,
+        }
         apps = {
-            "emb": {"task": "sentence-embeddings", "model": str(emb), "served_model_name": "mini", "batch_wait_s": 0.05,
-                    "max_client_batch_size": 64, "max_body_bytes": 200_000},
+            "emb": {
+                "task": "sentence-embeddings",
+                "model": str(emb),
+                "served_model_name": "mini",
+                "batch_wait_s": 0.05,
+                "max_client_batch_size": 64,
+                "max_body_bytes": 200_000,
+            },
             "clf": {"task": "text-classification", "model": str(clf)},
             "qa": {"task": "question-answering", "model": str(QA_MODEL)},
             "busy": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.5, "max_in_flight": 2},
             "slow": {"task": "text-classification", "model": str(clf), "batch_wait_s": 1.0, "request_timeout_s": 0.2},
             "auth": {"task": "text-classification", "model": str(clf), "api_key": "s3cret"},
-            "multi": {"task": "text-classification", "model": "bert", "models": classifiers, "max_models_per_replica": 2},
+            "multi": {
+                "task": "text-classification",
+                "model": "bert",
+                "models": classifiers,
+                "max_models_per_replica": 2,
+            },
             "pair": {"task": "text-classification", "model": str(clf), "model_replicas": 2},
             "wait": {"task": "text-classification", "model": str(clf), "batch_wait_s": 2.0},
             "auto": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.2, "autoscaling": scaling},
-        }  # fmt: skip
+        }
         targets = [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in apps.items()]
         targets.append(serve.RunTarget(build_router(), name="openai", route_prefix="/"))  # every app above
         serve.run_many(targets)
@@ -71,6 +90,7 @@ def _post(url, body=None, **kw):
 
 
 def test_hf_route_equals_in_process(server):
+    """POST /predict answers what the in-process pipeline answers: embeddings within 1e-6, classifier labels and scores with top_k."""
     paths = server["paths"]
     r = _post(server["emb"] + "/predict", {"inputs": SENTENCES})
     assert r.status_code == 200
@@ -83,8 +103,11 @@ def test_hf_route_equals_in_process(server):
 
 
 def test_question_answering_dict_inputs(server):
-    inputs = [{"question": "Where does John live?", "context": "My name is John and I live in New York. " * 30},
-              {"question": "What is my name?", "context": "My name is John."}]  # fmt: skip
+    """Question answering takes dict inputs over HTTP and answers the pipeline's spans and scores, doc_stride passed through."""
+    inputs = [
+        {"question": "Where does John live?", "context": "My name is John and I live in New York. " * 30},
+        {"question": "What is my name?", "context": "My name is John."},
+    ]
     r = _post(server["qa"] + "/predict", {"inputs": inputs, "parameters": {"doc_stride": 32}})
     assert r.status_code == 200, r.text
     expected = pipeline("question-answering", QA_MODEL)(inputs, doc_stride=32)
@@ -94,6 +117,7 @@ def test_question_answering_dict_inputs(server):
 
 
 def test_openai_embeddings_and_tei_embed(server):
+    """/v1/embeddings (float and base64) and TEI /embed give the pipeline's vectors; usage counts the tokenizer's tokens."""
     path = server["paths"]["emb"]
     expected = pipeline("sentence-embeddings", path)(SENTENCES[:3])
     r = _post(server["emb"] + "/v1/embeddings", {"input": SENTENCES[:3], "model": "mini"})
@@ -115,6 +139,7 @@ def test_openai_embeddings_and_tei_embed(server):
 
 
 def test_health_info_and_docs(server):
+    """GET /health, /info (task, max input length), /docs and the OpenAPI paths answer."""
     assert requests.get(server["emb"] + "/health", timeout=10).json() == {"status": "ok"}
     info = requests.get(server["clf"] + "/info", timeout=10).json()
     assert info["task"] == "text-classification" and info["max_input_length"] > 0
@@ -161,6 +186,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("route, body, status", MALFORMED, ids=[f"{i}-{r}" for i, (r, _, _) in enumerate(MALFORMED)])
 def test_malformed_requests_get_documented_4xx(server, route, body, status):
+    """Each malformed body gets its documented 4xx (never 500) with an error naming the problem."""
     kw = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {}
     r = _post(server["emb"] + route, None if isinstance(body, bytes) else body, **kw)
     assert r.status_code == status, r.text
@@ -168,6 +194,7 @@ def test_malformed_requests_get_documented_4xx(server, route, body, status):
 
 
 def test_the_server_keeps_serving_after_hostile_requests(server):
+    """Empty, NUL, huge-emoji and bidi inputs are answered, and the server answers the next request."""
     weird = ["", " ", "\u0000", "🙂" * 500, "e\u0301" * 100, "\ud7ff", "a\u202eb", LONG]
     r = _post(server["emb"] + "/predict", {"inputs": weird})
     assert r.status_code == 200 and len(r.json()) == len(weird)
@@ -175,12 +202,22 @@ def test_the_server_keeps_serving_after_hostile_requests(server):
 
 
 def test_too_long_input_names_the_counts(server):
+    """truncate=false on an over-long input is 422 naming its index, its token count and the maximum; truncate defaults to true."""
     r = _post(server["emb"] + "/embed", {"inputs": ["short", LONG], "truncate": False})
-    assert r.status_code == 422 and "inputs[1]: 5002 tokens" in r.json()["error"] and "maximum" in r.json()["error"]
+    # the count of the checkpoint's own tokenizer.json (the tokenizers library, no truncation): 5000 x "word" + 2
+    tokens = len(Tokenizer.from_file(str(server["paths"]["emb"] / "tokenizer.json")).encode(LONG).ids)
+    assert (
+        tokens == 5002
+        and r.status_code == 422
+        and f"inputs[1]: {tokens} tokens" in r.json()["error"]
+        and "maximum" in r.json()["error"]
+    )
     assert _post(server["emb"] + "/embed", {"inputs": LONG}).status_code == 200  # truncate defaults to true
 
 
+@pytest.mark.slow
 def test_overload_answers_503_with_retry_after_never_500(server):
+    """Past max_in_flight, requests get 503 with Retry-After while the others get 200; never a 500."""
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda i: _post(server["busy"], {"inputs": f"text {i}"}), range(12)))
     statuses = [r.status_code for r in answers]
@@ -188,17 +225,21 @@ def test_overload_answers_503_with_retry_after_never_500(server):
     assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 503)
 
 
+@pytest.mark.slow
 def test_timeout_answers_408(server):
+    """A request past request_timeout_s gets 408 with error_type timeout."""
     r = _post(server["slow"], {"inputs": "hello"})
     assert r.status_code == 408 and r.json()["error_type"] == "timeout"
 
 
 def test_bearer_token(server):
+    """With api_key set, a missing or wrong bearer token is 401 and the right one is served."""
     assert _post(server["auth"], {"inputs": "hello"}).status_code == 401
     assert _post(server["auth"], {"inputs": "hello"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert _post(server["auth"], {"inputs": "hello"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_together(server):
     """Sixteen concurrent requests within the 50 ms batch window: the model served some of them together."""
     with ThreadPoolExecutor(16) as pool:
@@ -249,6 +290,7 @@ def test_multiplexed_models_selected_by_header_with_lru(server):
     assert requests.get(server["multi"] + "/info", timeout=10).json()["models"] == ["bert", "distilbert", "roberta"]
 
 
+@pytest.mark.slow
 def test_killing_one_model_replica_of_two_under_load(server):
     """A steady load while one of two model replicas is killed: at most 1% of requests fail (the ingress
     retries a request whose replica died) and Serve runs two healthy replicas again within 60 s."""
@@ -289,6 +331,7 @@ def test_killing_one_model_replica_of_two_under_load(server):
     assert recovered_s < 60 and _running_replicas("pair") == 2 and name not in _replica_actors("pair")
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_cancels_its_model_work(server):
     """A request waiting 2 s for its batch is abandoned by its client after 0.5 s: Serve cancels it, the model
     replica never runs it, and the ingress counts it as cancelled (499); a request that stays is served."""
@@ -304,6 +347,7 @@ def test_a_client_that_hangs_up_cancels_its_model_work(server):
     assert _model_stats("wait")["requests"] == before + 1
 
 
+@pytest.mark.slow
 def test_autoscaling_adds_a_model_replica_under_load(server):
     """More ongoing requests than the target of 2 per replica: Serve scales the model deployment from 1 to 2."""
     assert _running_replicas("auto") == 1

@@ -47,12 +47,21 @@ def server(paths):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         apps = {
             "qwen": {"task": "text-generation", "model": str(paths["qwen"]), "served_model_name": "tiny"},
-            "gpt2": {"model": str(paths["gpt2"]), "api_key": "s3cret", "max_client_batch_size": 8,
-                     "max_body_bytes": 100_000},
+            "gpt2": {
+                "model": str(paths["gpt2"]),
+                "api_key": "s3cret",
+                "max_client_batch_size": 8,
+                "max_body_bytes": 100_000,
+            },
             # no end-of-sequence token: every sequence runs to its max_tokens, about 10 ms a token
-            "slow": {"model": str(paths["slow"]), "params": {"eos_token_id": []}, "max_in_flight": 2,
-                     "request_timeout_s": 2.0, "max_sequences": 4},
-        }  # fmt: skip
+            "slow": {
+                "model": str(paths["slow"]),
+                "params": {"eos_token_id": []},
+                "max_in_flight": 2,
+                "request_timeout_s": 2.0,
+                "max_sequences": 4,
+            },
+        }
         targets = [serve.RunTarget(build_generation_app(a), name=n, route_prefix=f"/{n}") for n, a in apps.items()]
         targets.append(serve.RunTarget(build_router({"applications": ["qwen"]}), name="openai", route_prefix="/"))
         serve.run_many(targets)
@@ -128,9 +137,13 @@ def _metrics(url: str) -> dict[str, float]:
 # -- answers equal the in-process pipeline ------------------------------------------------------------------------
 SAMPLING = [
     pytest.param({"temperature": 0}, {"do_sample": False}, 1, id="greedy"),
-    pytest.param({"temperature": 0.9, "top_p": 0.9, "seed": 5, "n": 2}, {"do_sample": True, "temperature": 0.9,
-                 "top_p": 0.9, "seed": 5}, 2, id="seeded-sampling"),
-]  # fmt: skip
+    pytest.param(
+        {"temperature": 0.9, "top_p": 0.9, "seed": 5, "n": 2},
+        {"do_sample": True, "temperature": 0.9, "top_p": 0.9, "seed": 5},
+        2,
+        id="seeded-sampling",
+    ),
+]
 
 
 @pytest.mark.parametrize("openai, options, n", SAMPLING)
@@ -147,12 +160,16 @@ def test_completions_equal_the_in_process_pipeline(server, local, openai, option
     assert [c["finish_reason"] for c in body["choices"]] == reasons
     prompt_tokens = sum(count for _, _, count in expected[::n])
     completion_tokens = sum(len(ids) for _, ids, _ in expected)
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @pytest.mark.parametrize("openai, options, n", SAMPLING)
 def test_chat_completions_equal_the_in_process_pipeline(server, local, openai, options, n):
+    """/v1/chat/completions (greedy and seeded sampling, n choices) answers the pipeline's chat replies, with usage and finish reasons."""
     r = _post(server["qwen"] + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 10, **openai})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -176,12 +193,14 @@ HF_CASES = [
 
 @pytest.mark.parametrize("inputs, parameters", HF_CASES, ids=[f"hf-{i}" for i in range(len(HF_CASES))])
 def test_hf_route_equals_in_process(server, local, inputs, parameters):
+    """POST /predict answers exactly what pipeline('text-generation') returns for prompts, chats and lists of them."""
     r = _post(server["qwen"] + "/predict", {"inputs": inputs, "parameters": parameters})
     assert r.status_code == 200, r.text
     assert r.json() == local["qwen"](inputs, **parameters)
 
 
 def test_the_root_route_is_the_hf_route(server, local):
+    """POST / answers as POST /predict."""
     body = {"inputs": PROMPTS[0], "parameters": {"do_sample": False, "max_new_tokens": 4}}
     assert _post(server["qwen"], body).json() == local["qwen"](PROMPTS[0], do_sample=False, max_new_tokens=4)
 
@@ -189,6 +208,7 @@ def test_the_root_route_is_the_hf_route(server, local):
 # -- streaming ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("openai", [{"temperature": 0}, {"temperature": 1.1, "seed": 4, "n": 2}], ids=["greedy", "n2"])
 def test_streamed_completions_join_to_the_answer(server, openai):
+    """Streamed completion chunks join to the plain answer, end with a finish reason, usage on request, then [DONE]."""
     body = {"prompt": PROMPTS[:2], "max_tokens": 14, **openai}
     whole = _post(server["qwen"] + "/v1/completions", body).json()
     streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -205,6 +225,7 @@ def test_streamed_completions_join_to_the_answer(server, openai):
 
 
 def test_streamed_chat_joins_to_the_answer(server):
+    """A streamed chat opens with the assistant role and its content deltas join to the plain answer."""
     body = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
     whole = _post(server["qwen"] + "/v1/chat/completions", body).json()
     events = _events(_post(server["qwen"] + "/v1/chat/completions", {**body, "stream": True}))
@@ -235,13 +256,16 @@ def test_stop_strings_cut_exactly_before_the_stop(server, local):
     chat = _post(server["qwen"] + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "temperature": 0}).json()
     text = chat["choices"][0]["message"]["content"]
     if len(text) > 1:  # a stop string that is the whole answer but its first character
-        cut = _post(server["qwen"] + "/v1/chat/completions",
-                    {"messages": CHAT, "max_tokens": 3, "temperature": 0, "stop": text[1:]}).json()  # fmt: skip
+        cut = _post(
+            server["qwen"] + "/v1/chat/completions",
+            {"messages": CHAT, "max_tokens": 3, "temperature": 0, "stop": text[1:]},
+        ).json()
         assert cut["choices"][0]["message"]["content"] == text[:1]
 
 
 # -- concurrency, overload, timeouts, cancellation ----------------------------------------------------------------
 def test_concurrent_requests_get_their_own_answers(server, local):
+    """Concurrent requests sharing the engine each get their own greedy answer, equal to the in-process one."""
     bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0} for p in PROMPTS * 2]
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: _post(server["qwen"] + "/v1/completions", b), bodies))
@@ -253,8 +277,12 @@ def test_concurrent_requests_get_their_own_answers(server, local):
 def _open_stream(url: str, max_tokens: int = 900):
     """A streamed completion whose first event has arrived: (response, its lines, the first line). Keep the lines
     iterator: closing it (dropping the last reference) closes the connection."""
-    r = requests.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
-                                                    "stream": True}, stream=True, timeout=30)  # fmt: skip
+    r = requests.post(
+        url + "/v1/completions",
+        json={"prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "stream": True},
+        stream=True,
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     lines = r.iter_lines()
     return r, lines, next(filter(None, lines))
@@ -278,6 +306,7 @@ def _wait_for(condition, seconds: float = 10.0):
     return condition()
 
 
+@pytest.mark.slow
 def test_streams_share_the_engine_and_overload_answers_503(server):
     """Two long streams at once: both run in the engine together (continuous batching); a third request over
     max_in_flight=2 gets 503 with Retry-After; closing the streams frees their slots and sequences."""
@@ -300,6 +329,7 @@ def test_streams_share_the_engine_and_overload_answers_503(server):
     assert _wait_for(lambda: _post(url + "/predict", short).status_code == 200)  # the slots are free again
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_mid_stream_cancels_its_sequence(server):
     """The stream would run ~8 s; the client leaves after the first event: the sequence leaves the engine at once
     (not at the 2 s timeout), counted as cancelled, and the request as 499."""
@@ -318,6 +348,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_sequence(server):
     assert _wait_for(lambda: _metrics(url).get(cancelled, 0) >= 1, 3.0)
 
 
+@pytest.mark.slow
 def test_a_client_that_times_out_cancels_a_plain_request(server):
     """A non-streamed request whose client gives up after 0.5 s: cancelled then, not at the 2 s server timeout."""
     url = server["slow"]
@@ -329,7 +360,9 @@ def test_a_client_that_times_out_cancels_a_plain_request(server):
     assert _metrics(url)['pipelines_requests_total{route="predict",status="499"}'] == 1
 
 
+@pytest.mark.slow
 def test_timeout_answers_408_and_frees_the_engine(server):
+    """A request past request_timeout_s gets 408 (an error event mid-stream) and its sequences leave the engine."""
     url = server["slow"]
     before = _stats("slow")
     r = _post(url + "/predict", {"inputs": "hi", "parameters": {"max_new_tokens": 1000}})
@@ -374,8 +407,12 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 422, "chat template"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                              "max_completion_tokens": 2}, 422, "max_completion_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_completion_tokens": 2},
+        422,
+        "max_completion_tokens",
+    ),
     ("/predict", {"inputs": None}, 422, "inputs"),
     ("/predict", {"inputs": []}, 422, "inputs"),
     ("/predict", {"inputs": 42}, 422, "prompt"),
@@ -385,11 +422,12 @@ MALFORMED = [
     ("/predict", {"inputs": "hi", "parameters": {"num_beams": 4}}, 422, "num_beams"),
     ("/predict", {"inputs": "word " * 300}, 422, "context is 128"),
     ("/predict", {"inputs": "hi", "stream": True}, 422, "stream"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("route, body, status, word", MALFORMED, ids=[f"{i}-{m[0]}" for i, m in enumerate(MALFORMED)])
 def test_malformed_requests_get_documented_4xx(server, route, body, status, word):
+    """Each malformed body gets its documented 4xx (never 500) with an error naming the field in OpenAI's names."""
     if isinstance(body, bytes):
         r = _post(server["gpt2"] + route, data=body, headers={**KEY, "content-type": "application/json"})
     else:
@@ -399,17 +437,21 @@ def test_malformed_requests_get_documented_4xx(server, route, body, status, word
 
 
 def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(server, local):
+    """A prompt plus max_tokens over the model's context is 422 naming both numbers."""
     prompt = "The quick brown fox jumps over the lazy dog. " * 4
     count = len(local["gpt2"].preprocess(prompt)["input_ids"])
     r = _post(server["gpt2"] + "/v1/completions", {"prompt": prompt, "max_tokens": 100}, headers=KEY)
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
-    assert f"the prompt ({count} tokens) plus max_tokens=100 makes {count + 100} tokens, more than the model's " \
-           "context of 128" in r.json()["error"]  # fmt: skip
+    assert (
+        f"the prompt ({count} tokens) plus max_tokens=100 makes {count + 100} tokens, more than the model's "
+        "context of 128" in r.json()["error"]
+    )
     ok = _post(server["gpt2"] + "/v1/completions", {"prompt": prompt, "max_tokens": 128 - count}, headers=KEY)
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == count
 
 
 def test_bearer_token(server):
+    """With api_key set, a missing or wrong bearer token is 401 and the right one is served."""
     body = {"prompt": "hi", "max_tokens": 2}
     assert _post(server["gpt2"] + "/v1/completions", body).status_code == 401
     wrong = _post(server["gpt2"] + "/v1/completions", body, headers={"Authorization": "Bearer wrong"})
@@ -418,6 +460,7 @@ def test_bearer_token(server):
 
 
 def test_health_info_metrics_and_docs(server):
+    """GET /health, /info, /metrics (tokens, time to first token) and /docs answer."""
     assert requests.get(server["qwen"] + "/health", timeout=10).json() == {"status": "ok"}
     info = requests.get(server["qwen"] + "/info", timeout=10).json()
     assert info["task"] == "text-generation" and info["max_context"] == 128 and info["chat_template"] is True
@@ -452,15 +495,22 @@ def test_the_shipped_serve_config_is_valid_and_builds():
     assert build_router(root.get("args")) is not None
 
 
-@pytest.mark.parametrize("args, message", [
-    ({"task": "text-generation"}, "needs model="),
-    ({"model": "m", "task": "text-classification"}, "serves task 'text-generation'"),
-    ({"model": "m", "max_sequence": 4}, r"unknown argument\(s\) 'max_sequence' \(did you mean 'max_sequences'\?\); allowed: .*max_sequences"),
-    ({"model": "m", "model_replicas": 2, "autoscaling": {"max_replicas": 2}}, "either model_replicas"),
-    ({"model": "m", "max_ongoing_requests": 0}, "max_ongoing_requests must be a positive integer"),
-    ({"model": "m", "max_in_flight": "many"}, "max_in_flight must be an integer, got 'many'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"task": "text-generation"}, "needs model="),
+        ({"model": "m", "task": "text-classification"}, "serves task 'text-generation'"),
+        (
+            {"model": "m", "max_sequence": 4},
+            r"unknown argument\(s\) 'max_sequence' \(did you mean 'max_sequences'\?\); allowed: .*max_sequences",
+        ),
+        ({"model": "m", "model_replicas": 2, "autoscaling": {"max_replicas": 2}}, "either model_replicas"),
+        ({"model": "m", "max_ongoing_requests": 0}, "max_ongoing_requests must be a positive integer"),
+        ({"model": "m", "max_in_flight": "many"}, "max_in_flight must be an integer, got 'many'"),
+    ],
+)
 def test_bad_build_arguments_are_refused_before_serve_starts(args, message):
+    """Missing model, another task, misspelt keys, bad replica settings and non-numbers fail at build time, naming the key."""
     with pytest.raises(ValueError, match=message):
         build_generation_app(args)
 
