@@ -225,6 +225,18 @@ def test_overload_answers_503_with_retry_after_never_500(server):
     assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 503)
 
 
+def test_a_raw_binary_body_to_a_text_task_is_415_naming_what_it_reads(server):
+    """An image/png body reaches the ingress as bytes; a text task answers 415 saying it reads JSON text."""
+    r = requests.post(
+        server["clf"] + "/predict", data=b"\x89PNG\r\n", headers={"content-type": "image/png"}, timeout=30
+    )
+    assert (
+        r.status_code == 415
+        and r.json()["error_type"] == "unsupported_media_type"
+        and "reads text" in r.json()["error"]
+    )
+
+
 @pytest.mark.slow
 def test_timeout_answers_408(server):
     """A request past request_timeout_s gets 408 with error_type timeout."""
