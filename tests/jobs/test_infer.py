@@ -43,7 +43,15 @@ def _write_jsonl(folder: Path, rows: list[dict], files_count: int = 1) -> Path:
 
 
 def _submit(env, *args, submission_id=None, wait=True):
-    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml"]
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+    ]
     if submission_id:
         command += ["--submission-id", submission_id]
     if not wait:
@@ -66,8 +74,19 @@ def test_job_submit_equals_in_process_on_both_nodes(cluster, checkpoint, tmp_pat
     path = checkpoint("bert")
     rows = _rows(400)
     inputs = _write_jsonl(tmp_path / "in", rows, files_count=4)
-    result = _submit(cluster, "--task", "sentence-embeddings", "--model", path, "--input", f"{inputs}/*.jsonl",
-                     "--output", tmp_path / "out", "--rows-per-batch", 64)  # fmt: skip
+    result = _submit(
+        cluster,
+        "--task",
+        "sentence-embeddings",
+        "--model",
+        path,
+        "--input",
+        f"{inputs}/*.jsonl",
+        "--output",
+        tmp_path / "out",
+        "--rows-per-batch",
+        64,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = _read(tmp_path / "out")
     assert sorted(r["id"] for r in out) == list(range(400))
@@ -87,8 +106,19 @@ def test_bad_rows_go_to_the_errors_folder_and_labels_equal_in_process(cluster, c
     rows = _rows(120)
     rows[5]["text"], rows[17]["text"], rows[33]["text"] = None, "", "word " * 20_000
     inputs = _write_jsonl(tmp_path / "in", rows)
-    result = _submit(cluster, "--task", "text-classification", "--model", path, "--input", inputs / "part0.jsonl",
-                     "--output", tmp_path / "out", "--errors", tmp_path / "errors")  # fmt: skip
+    result = _submit(
+        cluster,
+        "--task",
+        "text-classification",
+        "--model",
+        path,
+        "--input",
+        inputs / "part0.jsonl",
+        "--output",
+        tmp_path / "out",
+        "--errors",
+        tmp_path / "errors",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
     assert sorted([r["id"] for r in out] + [r["id"] for r in errors]) == list(range(120))
@@ -108,13 +138,28 @@ def test_text_generation_job_equals_in_process(cluster, checkpoint, tmp_path):
     rows[7]["text"] = ""
     inputs = _write_jsonl(tmp_path / "in", rows)
     params = {"max_new_tokens": 6, "do_sample": False}
-    result = _submit(cluster, "--task", "text-generation", "--model", path, "--input", inputs / "part0.jsonl",
-                     "--output", tmp_path / "out", "--errors", tmp_path / "errors", "--params", json.dumps(params))  # fmt: skip
+    result = _submit(
+        cluster,
+        "--task",
+        "text-generation",
+        "--model",
+        path,
+        "--input",
+        inputs / "part0.jsonl",
+        "--output",
+        tmp_path / "out",
+        "--errors",
+        tmp_path / "errors",
+        "--params",
+        json.dumps(params),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
     assert [r["id"] for r in errors] == [7] and "the prompt is empty" in errors[0]["error"]
     good = [r for r in rows if r["text"]]
-    expected = dict(zip((r["id"] for r in good), pipeline("text-generation", path)([r["text"] for r in good], **params)))
+    expected = dict(
+        zip((r["id"] for r in good), pipeline("text-generation", path)([r["text"] for r in good], **params))
+    )
     assert {r["id"]: r["generated"] for r in out} == expected
 
 
@@ -123,8 +168,17 @@ def test_without_errors_folder_the_job_fails_naming_the_row(cluster, checkpoint,
     rows = _rows(50)
     rows[21]["text"] = None
     inputs = _write_jsonl(tmp_path / "in", rows)
-    result = _submit(cluster, "--task", "text-classification", "--model", path, "--input", inputs / "part0.jsonl",
-                     "--output", tmp_path / "out")  # fmt: skip
+    result = _submit(
+        cluster,
+        "--task",
+        "text-classification",
+        "--model",
+        path,
+        "--input",
+        inputs / "part0.jsonl",
+        "--output",
+        tmp_path / "out",
+    )
     assert result.returncode != 0
     assert "row id=21: TypeError: expected a string, got NoneType" in result.stdout + result.stderr
 
@@ -136,16 +190,31 @@ def test_resume_after_a_kill_writes_every_row_once(cluster, minilm_path, tmp_pat
     rows = [json.loads(line) for line in open(ROOT / "jobs" / "data" / "sample_corpus.jsonl")][:2000]
     inputs = _write_jsonl(tmp_path / "in", rows)
     out = tmp_path / "out"
-    args = ["--task", "sentence-embeddings", "--model", minilm_path, "--input", inputs / "part0.jsonl", "--output", out,
-            "--rows-per-batch", 100]  # fmt: skip
+    args = [
+        "--task",
+        "sentence-embeddings",
+        "--model",
+        minilm_path,
+        "--input",
+        inputs / "part0.jsonl",
+        "--output",
+        out,
+        "--rows-per-batch",
+        100,
+    ]
     job_id = f"resume-{os.getpid()}-{time.time_ns()}"
     started = _submit(cluster, *args, submission_id=job_id, wait=False)
     assert started.returncode == 0, started.stderr[-3000:]
     deadline = time.time() + 240
     while len(files.part_files(str(out))) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    stop = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop", job_id], env=cluster,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    stop = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "stop", job_id],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert stop.returncode == 0, stop.stderr[-3000:]
     done_before = len(_read(out))
     assert 0 < done_before < 2000, "the job must be stopped half way for this test to mean anything"
@@ -164,32 +233,38 @@ def test_run_pipeline_from_a_separate_driver_process(cluster, checkpoint):
     script = f"""
 import json, ray
 from pipelines import run_pipeline
-ray.init(address="{cluster['RAY_ADDRESS']}", logging_level="ERROR")
+ray.init(address="{cluster["RAY_ADDRESS"]}", logging_level="ERROR")
 rows = [{{"id": i, "text": "hello world " * (i % 5 + 1)}} for i in range(200)]
 out = run_pipeline(ray.data.from_items(rows), "text-classification", model={str(path)!r}, top_k=2).take_all()
 print(json.dumps(sorted((r["id"], [a["label"] for a in r["classification"]]) for r in out)))
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cluster, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     expected = pipeline("text-classification", path, top_k=2)(["hello world " * (i % 5 + 1) for i in range(200)])
     assert got == [[i, [a["label"] for a in expected[i]]] for i in range(200)]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "sentimnet"], "unknown task 'sentimnet'"),
-    (["--input", "no/such/file.jsonl"], "does not exist"),
-    (["--column", "body"], "--column 'body' is not an input column; columns: ['id', 'text']"),
-    (["--params", "[1]"], "--params must be a JSON object"),
-    (["--concurrency", "a,b"], "--concurrency 'a,b': expected N or MIN,MAX"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "sentimnet"], "unknown task 'sentimnet'"),
+        (["--input", "no/such/file.jsonl"], "does not exist"),
+        (["--column", "body"], "--column 'body' is not an input column; columns: ['id', 'text']"),
+        (["--params", "[1]"], "--params must be a JSON object"),
+        (["--concurrency", "a,b"], "--concurrency 'a,b': expected N or MIN,MAX"),
+        (["--threads", "0"], "threads must be a positive integer, got 0"),
+    ],
+)
 def test_arguments_are_checked_up_front(cluster, tmp_path, args, message):
     inputs = _write_jsonl(tmp_path / "in", _rows(3))
     base = {"--task": "sentence-embeddings", "--input": str(inputs / "part0.jsonl"), "--output": str(tmp_path / "out")}
     pairs = dict(zip(args[::2], args[1::2]))
     argv = [item for key, value in {**base, **pairs}.items() for item in (key, value)]
-    result = subprocess.run([sys.executable, "-m", "jobs.infer", *argv], cwd=ROOT, env=cluster, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.infer", *argv], cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
