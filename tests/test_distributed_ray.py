@@ -6,9 +6,8 @@ import signal
 from pathlib import Path
 
 import pytest
+import ray
 import torch
-
-ray = pytest.importorskip("ray")
 
 from pipelines import pipeline, run_pipeline
 from tests.checkpoints import SENTENCES
@@ -54,15 +53,23 @@ def test_chunk_pipelines_keep_rows_one_to_one(checkpoint, task):
     """Several forward passes per row (QA chunks, one per zero-shot label) come back as exactly one row each."""
     if task == "question-answering":
         model, params, column = QA_MODEL, {"doc_stride": 32}, {"question": "q", "context": "c"}
-        rows = [{"id": i, "q": "Where does John live?", "c": "My name is John and I live in New York. " * (1 + i % 20)}
-                for i in range(40)]  # fmt: skip
+        rows = [
+            {"id": i, "q": "Where does John live?", "c": "My name is John and I live in New York. " * (1 + i % 20)}
+            for i in range(40)
+        ]
         inputs = [{"question": r["q"], "context": r["c"]} for r in rows]
     else:
         model = checkpoint("roberta", "sequence-classification", num_labels=3, id2label=NLI_LABELS)
         params, column = {"candidate_labels": ["sports", "music", "politics"]}, "text"
         rows, inputs = _rows(40), [r["text"] for r in _rows(40)]
-    out = run_pipeline(ray.data.from_items(rows, override_num_blocks=4), task, model=str(model), column=column,
-                       rows_per_batch=16, **params).take_all()  # fmt: skip
+    out = run_pipeline(
+        ray.data.from_items(rows, override_num_blocks=4),
+        task,
+        model=str(model),
+        column=column,
+        rows_per_batch=16,
+        **params,
+    ).take_all()
     assert sorted(r["id"] for r in out) == list(range(40))
     expected = pipeline(task, model, **params)(inputs)
     name = "answer" if task == "question-answering" else "classification"
@@ -103,8 +110,14 @@ def test_a_killed_model_actor_loses_and_duplicates_nothing(checkpoint):
     batches: every input row comes out exactly once and the job succeeds."""
     path = checkpoint("bert")
     rows = _rows(3000)
-    ds = run_pipeline(ray.data.from_items(rows, override_num_blocks=30), "sentence-embeddings", model=str(path),
-                      concurrency=2, rows_per_batch=100, stats=True)  # fmt: skip
+    ds = run_pipeline(
+        ray.data.from_items(rows, override_num_blocks=30),
+        "sentence-embeddings",
+        model=str(path),
+        concurrency=2,
+        rows_per_batch=100,
+        stats=True,
+    )
     seen, killed, at_kill = [], None, None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         seen += batch.column("id").to_pylist()
@@ -144,8 +157,9 @@ def test_text_generation_rows_equal_in_process_with_batches_sharing_the_engine(c
     prompts = [f"{SENTENCES[i % len(SENTENCES)]} {i}" for i in range(48)]
     rows = [{"id": i, "text": p} for i, p in enumerate(prompts)]
     params = {"max_new_tokens": 6, "do_sample": False}
-    ds = run_pipeline(ray.data.from_items(rows, override_num_blocks=6), "text-generation", model=path,
-                      rows_per_batch=8, **params)  # fmt: skip
+    ds = run_pipeline(
+        ray.data.from_items(rows, override_num_blocks=6), "text-generation", model=path, rows_per_batch=8, **params
+    )
     out = ds.take_all()
     assert sorted(r["id"] for r in out) == list(range(48))
     expected = pipeline("text-generation", path)(prompts, **params)

@@ -52,10 +52,14 @@ def test_padded_query_rows_stay_finite():
 
 @pytest.mark.parametrize(
     ("dtype", "T", "bmm"),
-    [(torch.float32, 16, True), (torch.float32, layers.FP32_BMM_MAX_TOKENS, True),
-     (torch.float32, layers.FP32_BMM_MAX_TOKENS + 1, False), (torch.bfloat16, 384, True),
-     (torch.float16, 384, True)],
-)  # fmt: skip
+    [
+        (torch.float32, 16, True),
+        (torch.float32, layers.FP32_BMM_MAX_TOKENS, True),
+        (torch.float32, layers.FP32_BMM_MAX_TOKENS + 1, False),
+        (torch.bfloat16, 384, True),
+        (torch.float16, 384, True),
+    ],
+)
 def test_cpu_dispatch(monkeypatch, dtype, T, bmm):
     """On CPU, half precision always takes the bmm form and float32 only up to FP32_BMM_MAX_TOKENS: the
     measured crossover (a regression here once made 384-token windows 3-6x slower)."""

@@ -15,8 +15,13 @@ def pair_of_pipelines(request, checkpoint):
 
 
 def texts(mask):
-    return [f"Hello {mask}!", f"The quick brown {mask} jumps over the lazy dog.", f"{mask}",
-            f"A café in Zürich serves {mask} coffee.", f"The {mask} fox {mask} over the {mask} dog."]  # fmt: skip
+    return [
+        f"Hello {mask}!",
+        f"The quick brown {mask} jumps over the lazy dog.",
+        f"{mask}",
+        f"A café in Zürich serves {mask} coffee.",
+        f"The {mask} fox {mask} over the {mask} dog.",
+    ]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"top_k": 3}, {"top_k": 1}])

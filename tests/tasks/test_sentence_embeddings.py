@@ -41,21 +41,36 @@ def test_default_model_from_the_offline_cache(minilm_path, minilm_reference):
 
 
 def _sentence_transformers_folder(path, pooling, normalize=False, dense=None):
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     (path / "1_Pooling").mkdir(exist_ok=True)
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
     if dense is not None:
         from safetensors.torch import save_file
 
         (path / "2_Dense").mkdir(exist_ok=True)
-        config = {"in_features": dense.in_features, "out_features": dense.out_features, "bias": True,
-                  "activation_function": "torch.nn.modules.activation.Tanh"}  # fmt: skip
+        config = {
+            "in_features": dense.in_features,
+            "out_features": dense.out_features,
+            "bias": True,
+            "activation_function": "torch.nn.modules.activation.Tanh",
+        }
         (path / "2_Dense" / "config.json").write_text(json.dumps(config))
-        save_file({"linear.weight": dense.weight.data, "linear.bias": dense.bias.data}, path / "2_Dense" / "model.safetensors")
+        save_file(
+            {"linear.weight": dense.weight.data, "linear.bias": dense.bias.data}, path / "2_Dense" / "model.safetensors"
+        )
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if normalize:
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "", "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": "",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
     (path / "modules.json").write_text(json.dumps(modules))
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
     return path
@@ -93,8 +108,9 @@ def test_dense_module_and_overrides(tmp_path, checkpoint):
     folder = tmp_path / "st"
     shutil.copytree(checkpoint("bert", "base"), folder)
     torch.manual_seed(0)
-    _sentence_transformers_folder(folder, {"pooling_mode_mean_tokens": True}, normalize=True,
-                                  dense=torch.nn.Linear(32, 16))  # fmt: skip
+    _sentence_transformers_folder(
+        folder, {"pooling_mode_mean_tokens": True}, normalize=True, dense=torch.nn.Linear(32, 16)
+    )
     ours = torch.tensor(pipeline("sentence-embeddings", model=folder)(SENTENCES))
     ref = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     assert ours.shape == (len(SENTENCES), 16)

@@ -7,8 +7,10 @@ from pipelines import pipeline
 from tests.checkpoints import FAMILIES, SENTENCES
 from tests.compare import assert_same_output
 
-PAIRS = [{"text": "Is it raining?", "text_pair": "The streets are wet today."},
-         {"text": SENTENCES[1], "text_pair": SENTENCES[3]}]  # fmt: skip
+PAIRS = [
+    {"text": "Is it raining?", "text_pair": "The streets are wet today."},
+    {"text": SENTENCES[1], "text_pair": SENTENCES[3]},
+]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -19,9 +21,16 @@ def pair_of_pipelines(request, checkpoint):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"top_k": None}, {"top_k": 2}, {"top_k": 1}, {"function_to_apply": "sigmoid"}, {"function_to_apply": "none"},
-     {"function_to_apply": "softmax", "top_k": None}],
-)  # fmt: skip
+    [
+        {},
+        {"top_k": None},
+        {"top_k": 2},
+        {"top_k": 1},
+        {"function_to_apply": "sigmoid"},
+        {"function_to_apply": "none"},
+        {"function_to_apply": "softmax", "top_k": None},
+    ],
+)
 def test_batch_options_match_transformers(pair_of_pipelines, kwargs):
     """Labels equal and scores within 1e-4 for lists, for each top_k / function_to_apply option."""
     ours, ref = pair_of_pipelines
@@ -44,10 +53,13 @@ def test_text_pairs_match_transformers(pair_of_pipelines):
 
 @pytest.mark.parametrize(
     "options",
-    [{"problem_type": "multi_label_classification", "num_labels": 4}, {"num_labels": 1},
-     {"problem_type": "regression", "num_labels": 1},
-     {"num_labels": 2, "id2label": {0: "NEGATIVE", 1: "POSITIVE"}}],
-)  # fmt: skip
+    [
+        {"problem_type": "multi_label_classification", "num_labels": 4},
+        {"num_labels": 1},
+        {"problem_type": "regression", "num_labels": 1},
+        {"num_labels": 2, "id2label": {0: "NEGATIVE", 1: "POSITIVE"}},
+    ],
+)
 def test_label_configs_match_transformers(checkpoint, options):
     """Multi-label (sigmoid), one label (sigmoid), regression (raw) and named labels follow config.json."""
     path = checkpoint("bert", "sequence-classification", **options)

@@ -5,8 +5,7 @@ import threading
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from pipelines import pipeline
 
@@ -40,15 +39,19 @@ def _plain(outputs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("options", [
-    {"max_new_tokens": 12},
-    {"max_new_tokens": 7, "return_full_text": False},
-    {"max_new_tokens": 5, "return_tensors": True},
-    {"max_length": 30},
-    {"max_new_tokens": 10, "repetition_penalty": 1.7},
-    {"max_new_tokens": 10, "no_repeat_ngram_size": 2},
-    {"max_new_tokens": 6, "prefix": "Once upon a time. "},
-], ids=lambda o: ",".join(o))  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 12},
+        {"max_new_tokens": 7, "return_full_text": False},
+        {"max_new_tokens": 5, "return_tensors": True},
+        {"max_length": 30},
+        {"max_new_tokens": 10, "repetition_penalty": 1.7},
+        {"max_new_tokens": 10, "no_repeat_ngram_size": 2},
+        {"max_new_tokens": 6, "prefix": "Once upon a time. "},
+    ],
+    ids=lambda o: ",".join(o),
+)
 def test_greedy_equals_transformers(pair, family, options):
     ours, ref = pair(family)
     options = {"do_sample": False, **options}
@@ -65,7 +68,9 @@ def test_chat_equals_transformers(pair, family):
         for options in ({}, {"return_full_text": False}):
             options = {"do_sample": False, "max_new_tokens": 8, **options}
             assert ours(messages, **options) == ref(messages, **options)
-    assert ours([CHAT, CHAT[1:]], do_sample=False, max_new_tokens=4) == ref([CHAT, CHAT[1:]], do_sample=False, max_new_tokens=4)
+    assert ours([CHAT, CHAT[1:]], do_sample=False, max_new_tokens=4) == ref(
+        [CHAT, CHAT[1:]], do_sample=False, max_new_tokens=4
+    )
 
 
 def test_stop_sequence_ends_at_the_same_token_as_transformers(pair):
@@ -108,7 +113,10 @@ def test_stream_joins_to_the_generated_text(pair):
     ours, _ = pair("gpt2")
     pieces = list(ours.stream(PROMPTS[1], do_sample=False, max_new_tokens=16))
     assert len(pieces) > 1
-    assert "".join(pieces) == ours(PROMPTS[1], do_sample=False, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+    assert (
+        "".join(pieces)
+        == ours(PROMPTS[1], do_sample=False, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+    )
 
 
 def test_concurrent_callers_share_the_engine_and_get_their_own_answers(pair):
@@ -116,24 +124,29 @@ def test_concurrent_callers_share_the_engine_and_get_their_own_answers(pair):
     expected = {p: ours(p, do_sample=False, max_new_tokens=10) for p in PROMPTS}
     got, threads = {}, []
     for p in PROMPTS:
-        threads.append(threading.Thread(target=lambda p=p: got.__setitem__(p, ours(p, do_sample=False, max_new_tokens=10))))
+        threads.append(
+            threading.Thread(target=lambda p=p: got.__setitem__(p, ours(p, do_sample=False, max_new_tokens=10)))
+        )
         threads[-1].start()
     for t in threads:
         t.join()
     assert got == expected
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda g: g(""), ValueError, "the prompt is empty"),
-    (lambda g: g(42), TypeError, "expected a prompt string or a chat"),
-    (lambda g: g("hi", max_new_tokens=-3), ValueError, "max_new_tokens"),
-    (lambda g: g("hi", max_new_tokens=10**9), ValueError, "max_new_tokens"),
-    (lambda g: g("hi", max_new_token=5), ValueError, "max_new_tokens"),
-    (lambda g: g("hi", do_sample=True, temperature=-1.0), ValueError, "temperature"),
-    (lambda g: g("word " * 300), ValueError, r"the prompt has \d+ tokens but the model's context is 128"),
-    (lambda g: g([{"role": "user"}]), ValueError, "lacks 'content'"),
-    (lambda g: g("hi", return_text=True, return_full_text=False), ValueError, "mutually exclusive"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda g: g(""), ValueError, "the prompt is empty"),
+        (lambda g: g(42), TypeError, "expected a prompt string or a chat"),
+        (lambda g: g("hi", max_new_tokens=-3), ValueError, "max_new_tokens"),
+        (lambda g: g("hi", max_new_tokens=10**9), ValueError, "max_new_tokens"),
+        (lambda g: g("hi", max_new_token=5), ValueError, "max_new_tokens"),
+        (lambda g: g("hi", do_sample=True, temperature=-1.0), ValueError, "temperature"),
+        (lambda g: g("word " * 300), ValueError, r"the prompt has \d+ tokens but the model's context is 128"),
+        (lambda g: g([{"role": "user"}]), ValueError, "lacks 'content'"),
+        (lambda g: g("hi", return_text=True, return_full_text=False), ValueError, "mutually exclusive"),
+    ],
+)
 def test_bad_input_is_named(pair, call, error, message):
     ours, _ = pair("llama")
     with pytest.raises(error, match=message):

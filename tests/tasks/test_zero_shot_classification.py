@@ -24,13 +24,15 @@ def pair_of_pipelines(request, checkpoint):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"candidate_labels": ["sports", "politics", "cooking food"]},
-     {"candidate_labels": "sports, politics,, music "},
-     {"candidate_labels": ["sports", "politics"], "hypothesis_template": "This text is about {}!"},
-     {"candidate_labels": ["sports", "politics", "music"], "multi_label": True},
-     {"candidate_labels": ["sports", "politics"], "multi_label": False},
-     {"candidate_labels": "weather"}],
-)  # fmt: skip
+    [
+        {"candidate_labels": ["sports", "politics", "cooking food"]},
+        {"candidate_labels": "sports, politics,, music "},
+        {"candidate_labels": ["sports", "politics"], "hypothesis_template": "This text is about {}!"},
+        {"candidate_labels": ["sports", "politics", "music"], "multi_label": True},
+        {"candidate_labels": ["sports", "politics"], "multi_label": False},
+        {"candidate_labels": "weather"},
+    ],
+)
 def test_batch_options_match_transformers(pair_of_pipelines, kwargs):
     """Labels in the same order and scores within 1e-4 for lists (chunks of several inputs batched together)."""
     ours, ref = pair_of_pipelines
