@@ -69,6 +69,7 @@ def test_stats_columns_kept_only_when_asked(checkpoint):
 
 
 def test_classification_structs_equal_in_process(checkpoint):
+    """Classification rows through the stage functions are Arrow structs equal to the in-process answers."""
     path = checkpoint("bert", "sequence-classification")
     out = _run(_spec("text-classification", path, params={"top_k": 2}), _table(SENTENCES))
     expected = pipeline("text-classification", path, top_k=2)(SENTENCES)
@@ -127,6 +128,7 @@ def _objects(values):
 
 
 def test_raise_names_the_row(checkpoint):
+    """Without an error column a bad row raises RowError naming its id (or its input when there is no id column)."""
     path = checkpoint("bert", "sequence-classification")
     spec = _spec("text-classification", path, error_column=None)
     with pytest.raises(RowError, match=r"row id=1: TypeError: expected a string, got NoneType"):
@@ -178,6 +180,7 @@ def test_a_batch_where_every_row_fails_fails_as_a_whole(checkpoint, monkeypatch)
 
 
 def test_answer_type_narrows_float_lists_only():
+    """answer_type stores float lists as float32 and keeps structs and given types as they are."""
     assert answer_type([[0.5, 1.0]], None) == pa.list_(pa.float32())
     assert answer_type([[[0.5]]], None) == pa.list_(pa.list_(pa.float32()))
     assert answer_type([{"label": "a", "score": 0.5}], None) == pa.struct(

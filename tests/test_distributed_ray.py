@@ -96,6 +96,7 @@ def test_bad_rows_recorded_ids_partition_the_input(checkpoint):
 
 
 def test_raise_fails_the_job_naming_the_row(checkpoint):
+    """Without an error column a bad row fails the Ray job, naming the row's id and reason."""
     path = checkpoint("bert", "sequence-classification")
     rows = _rows(20)
     rows[9]["text"] = None
@@ -138,6 +139,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_arguments_are_checked_before_any_work(checkpoint):
+    """An unknown task or column fails when run_pipeline is called, before any Ray work."""
     path = checkpoint("bert")
     ds = ray.data.from_items(_rows(3))
     with pytest.raises(ValueError, match="unknown task 'sentence-embedings'"):

@@ -31,6 +31,7 @@ def test_task_inferred_from_config(checkpoint, classifier_path):
 
 
 def test_unknown_task_suggests_the_nearest():
+    """An unknown task names the nearest known one; no task and no model says what to pass."""
     with pytest.raises(ValueError, match="unknown task 'sentimnet-analysis'; did you mean 'sentiment-analysis'"):
         pipeline("sentimnet-analysis")
     with pytest.raises(ValueError, match="pass a task, a model, or both"):
@@ -85,12 +86,14 @@ def test_edge_inputs(clf):
 
 
 def test_bad_items_name_their_index(clf):
+    """A non-string input fails naming its index and its type."""
     for bad, kind in [(None, "NoneType"), (3.5, "float"), (b"bytes", "bytes")]:
         with pytest.raises(TypeError, match=f"input #1: expected a string, got {kind}"):
             clf(["fine", bad])
 
 
 def test_invalid_batch_sizes(clf):
+    """A zero batch_size or negative max_batch_tokens is refused naming the parameter."""
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         clf(["a"], batch_size=0)
     with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):

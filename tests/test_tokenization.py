@@ -16,6 +16,7 @@ def tokenizers_pair(request, checkpoint, minilm_path):
 
 
 def test_single_texts_ids_and_offsets(tokenizers_pair):
+    """Single texts give transformers' input ids, token type ids and offsets."""
     ours, ref = tokenizers_pair
     for text in SENTENCES:
         enc = ours.encode(text)
@@ -26,11 +27,14 @@ def test_single_texts_ids_and_offsets(tokenizers_pair):
 
 
 def test_pairs_and_truncation(tokenizers_pair):
+    """Text pairs with and without truncation give transformers' ids and token type ids."""
     ours, ref = tokenizers_pair
     for text, pair in PAIRS:
         for max_length in (None, 12):
             enc = ours.encode(text, pair, max_length=max_length)
-            expected = ref(text, pair, truncation=max_length is not None, max_length=max_length, return_token_type_ids=True)
+            expected = ref(
+                text, pair, truncation=max_length is not None, max_length=max_length, return_token_type_ids=True
+            )
             assert enc.input_ids == expected["input_ids"]
             assert enc.token_type_ids == expected["token_type_ids"]
 
@@ -61,6 +65,7 @@ def test_special_tokens_and_limits(minilm_path):
 
 
 def test_folder_without_tokenizer_json(tmp_path):
+    """A folder without tokenizer.json fails saying so."""
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)

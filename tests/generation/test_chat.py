@@ -74,8 +74,19 @@ Tools:
 <|assistant|>
 {%- endif %}"""
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "zephyr": ZEPHYR, "tools": TOOLS}
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>"]  # fmt: skip
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+]
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "What is the capital of France? <b>Café</b>"}
@@ -86,8 +97,14 @@ CHATS = {
     "multi-turn": [USER, ASSISTANT, {"role": "user", "content": "And of Italy?"}],
     "ends-with-assistant": [SYSTEM, USER, {"role": "assistant", "content": "The capital is"}],
 }
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +113,12 @@ def tokenizer_json():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [USER["content"], ASSISTANT["content"], SYSTEM["content"], "You are a helpful assistant. Italy"] * 3
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return tok.to_str()
@@ -150,14 +171,18 @@ def test_templates_render_as_transformers(folder, name):
 
 
 def test_mistral_alternation_error(folder):
+    """A template's own raise_exception (Mistral's role alternation) reaches the caller with transformers' message."""
     path = folder(MISTRAL)
     ours, want = _both(path, [USER, USER])
-    assert ours == ("the chat template rejected the conversation: "
-                    "Conversation roles must alternate user/assistant/user/assistant/...")  # fmt: skip
+    assert ours == (
+        "the chat template rejected the conversation: "
+        "Conversation roles must alternate user/assistant/user/assistant/..."
+    )
     assert want == "Conversation roles must alternate user/assistant/user/assistant/..."
 
 
 def test_continue_final_message_as_transformers(folder):
+    """continue_final_message renders each template as transformers does, ending in the open assistant turn."""
     for template in (CHATML, LLAMA3, ZEPHYR, TOOLS):
         path = folder(template)
         ours, want = _both(path, CHATS["ends-with-assistant"], continue_final_message=True)
@@ -178,8 +203,11 @@ def test_tools_documents_variables_and_reasoning(folder):
 def test_template_files_named_templates_and_priority(folder):
     """chat_template.jinja and additional_chat_templates/*.jinja replace tokenizer_config.json's template; several
     templates are chosen by name, "tool_use" with tools, else "default"."""
-    files = {"chat_template.jinja": CHATML, "additional_chat_templates/tool_use.jinja": TOOLS,
-             "additional_chat_templates/llama.jinja": LLAMA3}  # fmt: skip
+    files = {
+        "chat_template.jinja": CHATML,
+        "additional_chat_templates/tool_use.jinja": TOOLS,
+        "additional_chat_templates/llama.jinja": LLAMA3,
+    }
     path = folder(ZEPHYR, files)
     template = ChatTemplate.from_pretrained(path)
     assert set(template.templates) == {"default", "tool_use", "llama"}
@@ -191,6 +219,7 @@ def test_template_files_named_templates_and_priority(folder):
 
 
 def test_named_templates_in_tokenizer_config(folder):
+    """A list of named templates picks 'default' or the one asked for, as transformers; without a default it names the choices."""
     path = folder([{"name": "default", "template": CHATML}, {"name": "rag", "template": LLAMA3}])
     for kwargs in ({}, {"chat_template": "rag"}):
         ours, want = _both(path, CHATS["system"], **kwargs)
@@ -203,10 +232,17 @@ def test_named_templates_in_tokenizer_config(folder):
 def test_special_tokens_are_variables(folder):
     """bos/eos/... and other "*_token" strings of tokenizer_config.json, as transformers passes them."""
     pad = {"__type": "AddedToken", "content": "<|im_end|>", "special": True}
-    path = folder("{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ image_token }}|{{ m }}", pad_token=pad,
-                  image_token="<|user|>")  # fmt: skip
-    assert special_tokens_of(path) == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<|im_end|>",
-                                       "image_token": "<|user|>"}  # fmt: skip
+    path = folder(
+        "{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ image_token }}|{{ m }}",
+        pad_token=pad,
+        image_token="<|user|>",
+    )
+    assert special_tokens_of(path) == {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<|im_end|>",
+        "image_token": "<|user|>",
+    }
     ours, want = _both(path, CHATS["single"], m="extra")
     assert ours == want == "<s>|</s>|<|im_end|>|<|user|>|extra"
 
@@ -258,15 +294,19 @@ def test_chat_detection():
     assert not is_chat_batch(CHATS["single"]) and not is_chat_batch([CHATS["single"], ["text"]])
 
 
-@pytest.mark.parametrize("messages,error,message", [
-    ("hello", TypeError, r"a chat must be a list of \{'role', 'content'\} dicts, got str"),
-    ([], ValueError, r"a chat needs at least one message"),
-    (["hello"], TypeError, r"chat message #0 must be a dict with 'role' and 'content', got 'hello'"),
-    ([USER, {"role": "assistant"}], ValueError, r"chat message #1 lacks 'content'"),
-    ([{"content": "hi"}], ValueError, r"chat message #0 lacks 'role'"),
-    ([{"role": 3, "content": "hi"}], TypeError, r"chat message #0: role must be a string such as 'user', got 3"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "messages,error,message",
+    [
+        ("hello", TypeError, r"a chat must be a list of \{'role', 'content'\} dicts, got str"),
+        ([], ValueError, r"a chat needs at least one message"),
+        (["hello"], TypeError, r"chat message #0 must be a dict with 'role' and 'content', got 'hello'"),
+        ([USER, {"role": "assistant"}], ValueError, r"chat message #1 lacks 'content'"),
+        ([{"content": "hi"}], ValueError, r"chat message #0 lacks 'role'"),
+        ([{"role": 3, "content": "hi"}], TypeError, r"chat message #0: role must be a string such as 'user', got 3"),
+    ],
+)
 def test_message_errors(folder, messages, error, message):
+    """Malformed messages are refused, naming the message and the field, by the template and by check_messages alike."""
     with pytest.raises(error, match=message):
         ChatTemplate.from_pretrained(folder(CHATML)).render(messages)
     with pytest.raises(error, match=message):
@@ -274,8 +314,12 @@ def test_message_errors(folder, messages, error, message):
 
 
 def test_template_errors(folder):
-    with pytest.raises(ValueError, match=r"this tokenizer has no chat template .*pass a Jinja template as "
-                                         r"chat_template="):  # fmt: skip
+    """A tokenizer without a chat template, or an unknown template name, fails saying how to pass one."""
+    with pytest.raises(
+        ValueError,
+        match=r"this tokenizer has no chat template .*pass a Jinja template as "
+        r"chat_template=",
+    ):
         ChatTemplate.from_pretrained(folder()).render(CHATS["single"])
     rendered = ChatTemplate.from_pretrained(folder()).render(CHATS["single"], chat_template=CHATML)
     assert rendered.startswith("<|im_start|>system")

@@ -5,15 +5,20 @@ import pytest
 import torch
 import transformers
 
-from pipelines.generation import engine as engine_module
 from pipelines import layers
+from pipelines.generation import engine as engine_module
 from pipelines.generation.engine import Engine, TokenEvent
 from pipelines.models import gpt2, llama
 from tests.checkpoints import PROMPTS, load_ours, load_reference
 
 N = 12  # new tokens per prompt
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8}  # fmt: skip
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
 VARIANTS = {
     "gpt2": ("gpt2", gpt2.GPT2LMHeadModel, {}),
     "llama": ("llama", llama.LlamaForCausalLM, {}),
@@ -22,13 +27,19 @@ VARIANTS = {
     # keys already cached keep the rotation they got, so generate() differs from one full forward over the same
     # tokens once past max_position_embeddings. The engine does what generate does, per sequence; the prompts
     # plus 12 new tokens run past max_position_embeddings=16.
-    "llama-dynamic": ("llama", llama.LlamaForCausalLM,
-                      {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16}),
+    "llama-dynamic": (
+        "llama",
+        llama.LlamaForCausalLM,
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16},
+    ),
     "llama-llama3": ("llama", llama.LlamaForCausalLM, {"rope_scaling": LLAMA3}),
     "mistral-window": ("mistral", llama.MistralForCausalLM, {"sliding_window": 5}),
-    "qwen2-tied-windows": ("qwen2", llama.Qwen2ForCausalLM, {"tie_word_embeddings": True, "use_sliding_window": True,
-                                                             "sliding_window": 4, "max_window_layers": 1}),
-}  # fmt: skip
+    "qwen2-tied-windows": (
+        "qwen2",
+        llama.Qwen2ForCausalLM,
+        {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+}
 
 
 class Setup:
@@ -66,8 +77,14 @@ def setups(checkpoint):
 def _hf_generate(path, prompt, n, eos) -> list[int]:
     # A fresh model per prompt: transformers' dynamic rotary embedding keeps state between generate calls.
     model = load_reference(path, "causal-lm")
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     return out[0, len(prompt) :].tolist()
 
 

@@ -36,8 +36,12 @@ def bpe():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<|end|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=330,
+        special_tokens=["<|end|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
 
@@ -46,8 +50,9 @@ def bpe():
 def hf_pipeline(bpe):
     """transformers' text-generation pipeline on a tiny random GPT-2 that uses `bpe`: the oracle."""
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>", bos_token="<|end|>")
-    config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_embd=32, n_head=4, n_layer=2, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = transformers.GPT2Config(
+        vocab_size=bpe.get_vocab_size(), n_embd=32, n_head=4, n_layer=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     return transformers.pipeline("text-generation", model=model, tokenizer=hf_tok, device="cpu")
@@ -105,7 +110,8 @@ def test_generate_defaults_without_the_pipeline(hf_pipeline):
     assert params.new_tokens(7) == 20 and params.new_tokens(50) == 14
     hf_pipeline.model.generation_config = transformers.GenerationConfig()
     ref = hf_pipeline.model._prepare_generated_length(
-        hf_pipeline.model._prepare_generation_config(None)[0], True, True, "input_ids", 50, torch.zeros(1, 50))
+        hf_pipeline.model._prepare_generation_config(None)[0], True, True, "input_ids", 50, torch.zeros(1, 50)
+    )
     assert ref.max_length - 50 == 14
 
 
@@ -122,49 +128,61 @@ def test_checkpoint_defaults(tmp_path, caplog, monkeypatch):
         GenerationParams.resolve({"num_beams": 4, "length_penalty": 2.0})
     assert [r.getMessage() for r in caplog.records] == [
         "the checkpoint's generation config sets length_penalty=2.0, num_beams=4, which this implementation does not "
-        "support; ignored"]  # fmt: skip
+        "support; ignored"
+    ]
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("user,error,message", [
-    ({"max_new_token": 5}, ValueError, r"unknown generation parameter 'max_new_token'; did you mean 'max_new_tokens'"),
-    ({"foo": 1}, ValueError, r"unknown generation parameter 'foo'; known: max_new_tokens, max_length"),
-    ({"num_beams": 4}, ValueError, r"'num_beams' is not supported here; supported: max_new_tokens"),
-    ({"max_new_tokens": 0}, ValueError, r"max_new_tokens must be >= 1 and <= 1048576, got 0"),
-    ({"max_new_tokens": -3}, ValueError, r"max_new_tokens must be >= 1 .*got -3"),
-    ({"max_new_tokens": 10**9}, ValueError, r"max_new_tokens must be >= 1 and <= 1048576, got 1000000000"),
-    ({"max_new_tokens": 5.0}, TypeError, r"max_new_tokens must be an integer, got 5.0"),
-    ({"max_new_tokens": True}, TypeError, r"max_new_tokens must be an integer, got True"),
-    ({"temperature": -0.5}, ValueError, r"temperature must be >= 0.0, got -0.5"),
-    ({"temperature": "hot"}, TypeError, r"temperature must be a number, got 'hot'"),
-    ({"temperature": float("nan")}, ValueError, r"temperature must be a finite number, got nan"),
-    ({"temperature": 0}, ValueError, r"temperature=0 with do_sample=True.*set do_sample=False"),
-    ({"top_p": 1.5}, ValueError, r"top_p must be >= 0.0 and <= 1.0, got 1.5"),
-    ({"top_p": -0.1}, ValueError, r"top_p must be >= 0.0 and <= 1.0, got -0.1"),
-    ({"top_k": -1}, ValueError, r"top_k must be >= 0, got -1"),
-    ({"top_k": 2.5}, TypeError, r"top_k must be an integer, got 2.5"),
-    ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be > 0.0, got 0"),
-    ({"repetition_penalty": -1.0}, ValueError, r"repetition_penalty must be > 0.0, got -1.0"),
-    ({"do_sample": 1}, TypeError, r"do_sample must be True or False, got 1"),
-    ({"no_repeat_ngram_size": -2}, ValueError, r"no_repeat_ngram_size must be >= 0, got -2"),
-    ({"num_return_sequences": 0}, ValueError, r"num_return_sequences must be >= 1, got 0"),
-    ({"num_return_sequences": 3, "do_sample": False}, ValueError, r"num_return_sequences=3 needs sampling"),
-    ({"eos_token_id": "</s>"}, TypeError, r"eos_token_id must be a token id or a list of token ids"),
-    ({"eos_token_id": [1, -2]}, TypeError, r"eos_token_id must be .*got \[1, -2\]"),
-    ({"stop_strings": ["ok", 3]}, TypeError, r"stop_strings must be a string or a list of strings"),
-    ({"stop_strings": ["ok", ""]}, ValueError, r"stop_strings must not contain an empty string"),
-    ({"seed": "42"}, TypeError, r"seed must be an integer"),
-    ({"min_new_tokens": -1}, ValueError, r"min_new_tokens must be >= 0, got -1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "user,error,message",
+    [
+        (
+            {"max_new_token": 5},
+            ValueError,
+            r"unknown generation parameter 'max_new_token'; did you mean 'max_new_tokens'",
+        ),
+        ({"foo": 1}, ValueError, r"unknown generation parameter 'foo'; known: max_new_tokens, max_length"),
+        ({"num_beams": 4}, ValueError, r"'num_beams' is not supported here; supported: max_new_tokens"),
+        ({"max_new_tokens": 0}, ValueError, r"max_new_tokens must be >= 1 and <= 1048576, got 0"),
+        ({"max_new_tokens": -3}, ValueError, r"max_new_tokens must be >= 1 .*got -3"),
+        ({"max_new_tokens": 10**9}, ValueError, r"max_new_tokens must be >= 1 and <= 1048576, got 1000000000"),
+        ({"max_new_tokens": 5.0}, TypeError, r"max_new_tokens must be an integer, got 5.0"),
+        ({"max_new_tokens": True}, TypeError, r"max_new_tokens must be an integer, got True"),
+        ({"temperature": -0.5}, ValueError, r"temperature must be >= 0.0, got -0.5"),
+        ({"temperature": "hot"}, TypeError, r"temperature must be a number, got 'hot'"),
+        ({"temperature": float("nan")}, ValueError, r"temperature must be a finite number, got nan"),
+        ({"temperature": 0}, ValueError, r"temperature=0 with do_sample=True.*set do_sample=False"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be >= 0.0 and <= 1.0, got 1.5"),
+        ({"top_p": -0.1}, ValueError, r"top_p must be >= 0.0 and <= 1.0, got -0.1"),
+        ({"top_k": -1}, ValueError, r"top_k must be >= 0, got -1"),
+        ({"top_k": 2.5}, TypeError, r"top_k must be an integer, got 2.5"),
+        ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be > 0.0, got 0"),
+        ({"repetition_penalty": -1.0}, ValueError, r"repetition_penalty must be > 0.0, got -1.0"),
+        ({"do_sample": 1}, TypeError, r"do_sample must be True or False, got 1"),
+        ({"no_repeat_ngram_size": -2}, ValueError, r"no_repeat_ngram_size must be >= 0, got -2"),
+        ({"num_return_sequences": 0}, ValueError, r"num_return_sequences must be >= 1, got 0"),
+        ({"num_return_sequences": 3, "do_sample": False}, ValueError, r"num_return_sequences=3 needs sampling"),
+        ({"eos_token_id": "</s>"}, TypeError, r"eos_token_id must be a token id or a list of token ids"),
+        ({"eos_token_id": [1, -2]}, TypeError, r"eos_token_id must be .*got \[1, -2\]"),
+        ({"stop_strings": ["ok", 3]}, TypeError, r"stop_strings must be a string or a list of strings"),
+        ({"stop_strings": ["ok", ""]}, ValueError, r"stop_strings must not contain an empty string"),
+        ({"seed": "42"}, TypeError, r"seed must be an integer"),
+        ({"min_new_tokens": -1}, ValueError, r"min_new_tokens must be >= 0, got -1"),
+    ],
+)
 def test_validation_errors(user, error, message):
+    """Each bad generation parameter is refused at resolve time with a message naming it and its allowed range."""
     with pytest.raises(error, match=message):
         GenerationParams.resolve({}, **user)
 
 
 def test_length_errors_name_both_numbers():
     """Over the context: the prompt, the request and the context are all in the message; defaults shrink instead."""
-    with pytest.raises(ValueError, match=r"prompt \(50 tokens\) plus max_new_tokens=20 makes 70 tokens, more than "
-                                         r"the model's context of 64; ask for at most 14"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"prompt \(50 tokens\) plus max_new_tokens=20 makes 70 tokens, more than "
+        r"the model's context of 64; ask for at most 14",
+    ):
         GenerationParams.resolve({}, 50, 64, max_new_tokens=20)
     with pytest.raises(ValueError, match=r"the prompt has 64 tokens but the model's context is 64 tokens"):
         GenerationParams.resolve({}, 64, 64)
@@ -177,11 +195,13 @@ def test_length_errors_name_both_numbers():
 
 
 def test_checkpoint_values_are_validated_and_named():
+    """A bad value from generation_config.json is refused naming the checkpoint as its source."""
     with pytest.raises(ValueError, match=r"top_p must be >= 0.0 and <= 1.0, got 2.0 \(from the checkpoint's gen"):
         GenerationParams.resolve({"top_p": 2.0, "do_sample": True})
 
 
 def test_parameters_are_frozen_and_checked_on_construction():
+    """GenerationParams is immutable, checks its fields when built, and covers every documented parameter."""
     params = GenerationParams(max_new_tokens=3)
     with pytest.raises(AttributeError):
         params.top_k = 3
@@ -252,8 +272,16 @@ def test_top_p_boundary_matches_transformers():
 def test_processors_match_transformers_own_list(hf_pipeline):
     """The order is transformers' own: its _get_logits_processor list for a config using every parameter."""
     model = hf_pipeline.model
-    user = dict(do_sample=True, temperature=0.8, top_k=6, top_p=0.7, repetition_penalty=1.4, no_repeat_ngram_size=2,
-                min_new_tokens=3, eos_token_id=[2, 4])  # fmt: skip
+    user = dict(
+        do_sample=True,
+        temperature=0.8,
+        top_k=6,
+        top_p=0.7,
+        repetition_penalty=1.4,
+        no_repeat_ngram_size=2,
+        min_new_tokens=3,
+        eos_token_id=[2, 4],
+    )
     model.generation_config = transformers.GenerationConfig()
     config, _ = model._prepare_generation_config(None, **user)
     model._prepare_special_tokens(config, device="cpu")
@@ -291,8 +319,9 @@ def _run(params_list, steps=6):
     states = [sampler_state(p, 2, index=0) for p in params_list]
     histories = [[1, 2] for _ in params_list]
     for _ in range(steps):
-        logits = torch.stack([torch.randn(VOCAB, generator=torch.Generator().manual_seed(sum(h) * 31 + len(h)))
-                              for h in histories])  # fmt: skip
+        logits = torch.stack(
+            [torch.randn(VOCAB, generator=torch.Generator().manual_seed(sum(h) * 31 + len(h))) for h in histories]
+        )
         for h, t in zip(histories, select(logits, histories, states).tolist()):
             h.append(t)
     return histories
@@ -310,13 +339,16 @@ def test_seed_gives_same_tokens_whatever_shares_the_batch():
 
 
 def test_return_sequences_get_distinct_generators():
+    """Each returned sequence draws from its own generator derived from the seed; negative seeds map as torch.manual_seed does."""
     params = GenerationParams(max_new_tokens=9, do_sample=True, seed=5, num_return_sequences=3)
     draws = [torch.rand(4, generator=sampler_state(params, 1, index=i).generator).tolist() for i in range(3)]
     assert draws[0] == torch.rand(4, generator=torch.Generator().manual_seed(5)).tolist()
     assert draws[0] != draws[1] != draws[2]
     negative = GenerationParams(max_new_tokens=9, do_sample=True, seed=-7)  # remapped as torch.manual_seed does
-    assert torch.equal(torch.rand(3, generator=sampler_state(negative, 1).generator),
-                       torch.rand(3, generator=torch.Generator().manual_seed(-7)))  # fmt: skip
+    assert torch.equal(
+        torch.rand(3, generator=sampler_state(negative, 1).generator),
+        torch.rand(3, generator=torch.Generator().manual_seed(-7)),
+    )
     torch.manual_seed(3)
     unseeded = GenerationParams(max_new_tokens=9, do_sample=True)
     first = torch.rand(2, generator=sampler_state(unseeded, 1).generator)
@@ -325,12 +357,21 @@ def test_return_sequences_get_distinct_generators():
 
 
 def test_top_k_one_and_top_p_zero_equal_greedy():
+    """Sampling with top_k=1 or top_p=0 picks exactly the greedy tokens, penalties included."""
     gen, rng = torch.Generator().manual_seed(2), random.Random(2)
     greedy = GenerationParams(max_new_tokens=5, repetition_penalty=1.5, no_repeat_ngram_size=2)
-    top_k1 = GenerationParams(max_new_tokens=5, repetition_penalty=1.5, no_repeat_ngram_size=2, do_sample=True,
-                              top_k=1, temperature=2.0, seed=3)  # fmt: skip
-    top_p0 = GenerationParams(max_new_tokens=5, repetition_penalty=1.5, no_repeat_ngram_size=2, do_sample=True,
-                              top_p=0.0)  # fmt: skip
+    top_k1 = GenerationParams(
+        max_new_tokens=5,
+        repetition_penalty=1.5,
+        no_repeat_ngram_size=2,
+        do_sample=True,
+        top_k=1,
+        temperature=2.0,
+        seed=3,
+    )
+    top_p0 = GenerationParams(
+        max_new_tokens=5, repetition_penalty=1.5, no_repeat_ngram_size=2, do_sample=True, top_p=0.0
+    )
     for _ in range(30):
         logits = torch.randn(1, VOCAB, generator=gen).expand(3, -1)
         history = [rng.randrange(VOCAB) for _ in range(6)]
@@ -340,6 +381,7 @@ def test_top_k_one_and_top_p_zero_equal_greedy():
 
 
 def test_min_new_tokens_holds_back_eos():
+    """The end-of-sequence token cannot be chosen before min_new_tokens tokens, and is chosen right after."""
     params = GenerationParams(max_new_tokens=6, min_new_tokens=3, eos_token_id=(7,))
     state, history = sampler_state(params, 2), [1, 2]
     logits = torch.zeros(1, VOCAB)
@@ -350,6 +392,7 @@ def test_min_new_tokens_holds_back_eos():
 
 
 def test_finish_reasons(bpe):
+    """finish_reason is None while running, then 'stop' for eos or a stop string and 'length' at max_new_tokens."""
     stop = StopStrings(bpe, ["stop"])
     params = GenerationParams(max_new_tokens=3, eos_token_id=(0,), stop_strings=("stop",))
     state = sampler_state(params, 2, stop=stop)
@@ -364,6 +407,7 @@ def test_finish_reasons(bpe):
 
 
 def test_select_checks_shapes():
+    """select() refuses logits whose batch does not match its histories and states."""
     state = sampler_state(GenerationParams(max_new_tokens=2), 1)
     with pytest.raises(ValueError, match=r"expected logits \(B, V\) with B histories and B states"):
         select(torch.zeros(2, VOCAB), [[1]], [state])
@@ -390,6 +434,7 @@ def test_stop_strings_match_transformers_criteria(bpe):
 
 
 def test_stop_string_across_tokens_and_not_in_prompt(bpe):
+    """A stop string split across tokens is found at the token that completes it, never in the prompt; the window is its length plus two."""
     stop = StopStrings(bpe, "stopping")
     ids = bpe.encode("Hammer time, stopping now").ids
     pieces = [bpe.id_to_token(i) for i in ids]
@@ -409,8 +454,11 @@ def test_pipeline_stops_where_stop_strings_do(hf_pipeline, bpe):
     torch.manual_seed(3)
     hf_pipeline.model.generation_config = transformers.GenerationConfig(eos_token_id=0)
     free = hf_pipeline("The weather", max_new_tokens=30, do_sample=True, return_full_text=False)[0]["generated_text"]
-    starts = [i for i in range(len(free) // 3, len(free) - 1) if free[i : i + 2].isascii() and free[i].isprintable()
-              and free[i + 1].isprintable()]  # fmt: skip
+    starts = [
+        i
+        for i in range(len(free) // 3, len(free) - 1)
+        if free[i : i + 2].isascii() and free[i].isprintable() and free[i + 1].isprintable()
+    ]
     target = free[starts[0] : starts[0] + 2]  # a stop string the sampled text reaches, midway
     stop = StopStrings(bpe, target)
     torch.manual_seed(3)
@@ -427,6 +475,7 @@ def test_pipeline_stops_where_stop_strings_do(hf_pipeline, bpe):
 
 
 def test_truncate_at_stop():
+    """truncate_at_stop cuts before the earliest stop string (or after it with keep), ignoring stops inside the prompt."""
     assert truncate_at_stop("one two. three.", ["."]) == "one two"
     assert truncate_at_stop("one two. three.", [".", "two"]) == "one "
     assert truncate_at_stop("one two. three.", ".", keep=True) == "one two."

@@ -164,6 +164,7 @@ def test_text_generation_job_equals_in_process(cluster, checkpoint, tmp_path):
 
 
 def test_without_errors_folder_the_job_fails_naming_the_row(cluster, checkpoint, tmp_path):
+    """Without an errors folder a bad row fails the job, and the failure names the row's id and reason."""
     path = checkpoint("bert", "sequence-classification")
     rows = _rows(50)
     rows[21]["text"] = None
@@ -259,6 +260,7 @@ print(json.dumps(sorted((r["id"], [a["label"] for a in r["classification"]]) for
     ],
 )
 def test_arguments_are_checked_up_front(cluster, tmp_path, args, message):
+    """Bad task, input, column, params, concurrency or threads fail before the job starts, naming what is wrong; no output is written."""
     inputs = _write_jsonl(tmp_path / "in", _rows(3))
     base = {"--task": "sentence-embeddings", "--input": str(inputs / "part0.jsonl"), "--output": str(tmp_path / "out")}
     pairs = dict(zip(args[::2], args[1::2]))

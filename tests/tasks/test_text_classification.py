@@ -80,6 +80,7 @@ def test_parameters_at_construction_are_defaults(checkpoint):
 
 
 def test_bad_parameters_and_inputs_are_named(checkpoint):
+    """A bad function_to_apply, a misspelt parameter or a bad input fails naming it and what is allowed."""
     path = checkpoint("bert", "sequence-classification")
     pipe = pipeline("text-classification", model=path)
     with pytest.raises(ValueError, match="function_to_apply"):

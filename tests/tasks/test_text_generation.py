@@ -53,6 +53,7 @@ def _plain(outputs):
     ids=lambda o: ",".join(o),
 )
 def test_greedy_equals_transformers(pair, family, options):
+    """Greedy generation equals transformers.pipeline's for each family and option, batched and single."""
     ours, ref = pair(family)
     options = {"do_sample": False, **options}
     assert ours(PROMPTS, **options) == _plain(ref(PROMPTS, **options))
@@ -74,6 +75,7 @@ def test_chat_equals_transformers(pair, family):
 
 
 def test_stop_sequence_ends_at_the_same_token_as_transformers(pair):
+    """stop_sequence ends generation at the same token as transformers does."""
     ours, ref = pair("llama")
     free = ours(PROMPTS[1], do_sample=False, max_new_tokens=20, return_full_text=False)[0]["generated_text"]
     stop = free[len(free) // 2 : len(free) // 2 + 2]  # a stop string the greedy text reaches halfway
@@ -84,6 +86,7 @@ def test_stop_sequence_ends_at_the_same_token_as_transformers(pair):
 
 
 def test_rope_scaled_llama_equals_transformers(pair):
+    """A Llama with linear RoPE scaling generates the same greedy tokens as transformers."""
     ours, ref = pair("llama", rope_scaling={"factor": 2.0, "rope_type": "linear"})
     assert ours(PROMPTS, do_sample=False, max_new_tokens=10) == ref(PROMPTS, do_sample=False, max_new_tokens=10)
 
@@ -97,6 +100,7 @@ def test_a_batch_equals_each_prompt_alone(pair):
 
 
 def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(pair):
+    """A seed makes sampling repeatable and independent of batch neighbours; another seed differs; top_k=1 is greedy."""
     ours, _ = pair("llama")
     options = {"do_sample": True, "max_new_tokens": 12, "seed": 7, "temperature": 1.3}
     first = ours(PROMPTS, **options)
@@ -110,6 +114,7 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(pair):
 
 
 def test_stream_joins_to_the_generated_text(pair):
+    """stream() yields several pieces that join to the generated text."""
     ours, _ = pair("gpt2")
     pieces = list(ours.stream(PROMPTS[1], do_sample=False, max_new_tokens=16))
     assert len(pieces) > 1
@@ -120,6 +125,7 @@ def test_stream_joins_to_the_generated_text(pair):
 
 
 def test_concurrent_callers_share_the_engine_and_get_their_own_answers(pair):
+    """Threads calling one pipeline at once share its engine and each gets its own greedy answer."""
     ours, _ = pair("mistral")
     expected = {p: ours(p, do_sample=False, max_new_tokens=10) for p in PROMPTS}
     got, threads = {}, []
@@ -148,6 +154,7 @@ def test_concurrent_callers_share_the_engine_and_get_their_own_answers(pair):
     ],
 )
 def test_bad_input_is_named(pair, call, error, message):
+    """A bad prompt or parameter fails naming the problem, and the engine serves the next call."""
     ours, _ = pair("llama")
     with pytest.raises(error, match=message):
         call(ours)
