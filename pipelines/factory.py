@@ -29,6 +29,7 @@ def pipeline(
     *,
     tokenizer=None,
     revision: str | None = None,
+    gguf_file: str | None = None,
     runtime: RuntimeConfig | None = None,
     pipeline_class: type | None = None,
     load_weights: bool = True,
@@ -37,8 +38,9 @@ def pipeline(
 ) -> Pipeline:
     """Build the pipeline for `task` (or the task `model`'s config.json implies) on `model` (or the task's default).
 
-    model: a Hub id (through the huggingface_hub cache), a local folder, or an nn.Module with `tokenizer=`
-    (and `config=`, the config.json dict, where the task needs labels). runtime: a RuntimeConfig (device, dtype,
+    model: a Hub id (through the huggingface_hub cache), a local folder, a GGUF file (or a folder or Hub id with
+    `gguf_file=`, transformers' spelling), or an nn.Module with `tokenizer=` (and `config=`, the config.json dict,
+    where the task needs labels). runtime: a RuntimeConfig (device, dtype,
     device_map, max_memory, offload_folder, quantization, allow_pickle, threads, batch_size, max_batch_tokens,
     kv_cache_tokens); those names given as plain keywords override its fields. load_weights=False builds a
     processor-only pipeline for CPU stages: preprocess and postprocess work, the model does not run.
@@ -59,7 +61,7 @@ def pipeline(
     if not isinstance(model, (str, Path)):
         raise TypeError(f"model must be a Hub id, a folder path or an nn.Module, got {type(model).__name__}")
 
-    folder = resolve(model, revision)
+    folder = resolve(model, revision, gguf_file)
     hf_config = read_config(folder)
     task = task or registry.infer_task(hf_config, (folder / "modules.json").is_file())
     spec = registry.TASKS[task]

@@ -1,7 +1,8 @@
 """From a model name to a ready module: resolve -> config.json -> meta build -> stream weights -> place.
 
 resolve      a local folder, or a Hub id through the huggingface_hub cache (HF_HOME, HF_HUB_CACHE and
-             HF_HUB_OFFLINE are honoured by huggingface_hub itself; `revision` pins a branch, tag or commit)
+             HF_HUB_OFFLINE are honoured by huggingface_hub itself; `revision` pins a branch, tag or commit),
+             or a GGUF file (pipelines/gguf.py), which then stands for the folder: config, weights and tokenizer
 build        the class's config dataclass from config.json, the module built on the meta device (no memory)
 stream       safetensors files (single or sharded) read tensor by tensor, renamed by the class's `WeightsMapper`
              (the family file's tables), cast to `dtype`, checked strictly (missing, unexpected, wrong shape)
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.gguf import SUFFIX, GGUFCheckpoint
 from pipelines.layers import Int8Linear
 from pipelines.runtime import RuntimeConfig
 
@@ -36,28 +38,56 @@ class CheckpointError(ValueError):
 
 
 # -- resolution -----------------------------------------------------------------------------------------
-def resolve(model: str | Path, revision: str | None = None) -> Path:
-    """A local model folder, or the snapshot folder of Hub id `model` at `revision` (downloaded if online)."""
+def resolve(model: str | Path, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """A local model folder, the snapshot folder of Hub id `model` at `revision` (downloaded if online), or a
+    GGUF file: `model` itself (a path ending in .gguf), `gguf_file` inside the folder or Hub repository `model`, or
+    a Hub repository's only .gguf file when it has no config.json."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if gguf_file is None and path.suffix == SUFFIX:
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(model)!r} does not exist")
         return path
+    if path.is_dir():
+        return path if gguf_file is None else _gguf_in(path, gguf_file, str(model))
     name = str(model)
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"model folder {name!r} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    patterns = HUB_PATTERNS + ([gguf_file] if gguf_file is not None else ["*.gguf"])
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise FileNotFoundError(
             f"model {name!r} (revision {revision or 'main'}) is not in the Hugging Face cache and could not be "
             f"downloaded ({type(e).__name__}). On an offline machine, import a local copy first: "
             f"`python -m pipelines.hub import FOLDER {name}`"
         ) from e
+    if gguf_file is not None:
+        return _gguf_in(folder, gguf_file, name)
+    files = sorted(folder.glob("*" + SUFFIX))
+    if not (folder / "config.json").is_file() and len(files) == 1:
+        return files[0]
+    if not (folder / "config.json").is_file() and files:
+        raise ValueError(
+            f"{name} holds several GGUF files: choose one with gguf_file=; files: {[f.name for f in files]}"
+        )
+    return folder
+
+
+def _gguf_in(folder: Path, gguf_file: str, name: str) -> Path:
+    path = folder / gguf_file
+    if not path.is_file():
+        present = sorted(p.name for p in folder.glob("*" + SUFFIX))
+        raise FileNotFoundError(f"{name} has no GGUF file {gguf_file!r}; its GGUF files: {present}")
+    return path
 
 
 def read_config(folder: Path) -> dict:
+    """config.json of a model folder; for a GGUF file, the config its metadata describes."""
+    if folder.suffix == SUFFIX and folder.is_file():
+        return GGUFCheckpoint.open(folder).config()
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
@@ -79,7 +109,9 @@ def read_id2label(config: dict) -> tuple[str, ...]:
 
 # -- weights ----------------------------------------------------------------------------------------------
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    """The checkpoint files of `folder`, safetensors first; pickles only with `allow_pickle`."""
+    """The checkpoint files of `folder`, safetensors first; pickles only with `allow_pickle`; a GGUF file is its own."""
+    if folder.suffix == SUFFIX and folder.is_file():
+        return [folder]
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -106,7 +138,9 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for path in files:
-        if path.suffix == ".safetensors":
+        if path.suffix == SUFFIX:
+            yield from GGUFCheckpoint.open(path).tensors()
+        elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)

