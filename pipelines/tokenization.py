@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tokenizers
 
+from pipelines.gguf_tokenizer import read_gguf_metadata, tokenizer_from_gguf
 from pipelines.processors.layout import Layout, Mask, Padded
 
 # tokenizer_config.json stores "no limit" as a huge integer (int(1e30)); anything above this means unset.
@@ -77,7 +78,11 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
+        """From a Hub folder's tokenizer files, or from a `.gguf` file's metadata (pipelines/gguf_tokenizer.py)."""
         folder = Path(folder)
+        if folder.suffix == ".gguf":
+            parts = tokenizer_from_gguf(read_gguf_metadata(folder), str(folder))
+            return cls(parts.backend, special_tokens=parts.special_tokens, model_max_length=parts.model_max_length)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(
