@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.gguf_tokenizer import GGUFTokenizerParts, tokenizer_from_gguf
+
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".gguf"
@@ -140,13 +142,8 @@ class GGUFCheckpoint:
     """One GGUF file: its metadata decoded once, its tensors read on demand (the file is memory-mapped)."""
 
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        try:
-            self.reader = GGUFReader(str(self.path))
-        except (ValueError, OSError, IndexError, KeyError) as e:  # a wrong magic, a truncated file, an unknown type
-            raise GGUFError(f"{self.path} is not a readable GGUF file: {e}") from e
+        self.reader = _reader(self.path)
         self.metadata = _decode_fields(self.reader, self.path)
         name = self.metadata.get("general.architecture")
         if name not in ARCHITECTURES:
@@ -263,15 +260,14 @@ class GGUFCheckpoint:
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
+    @functools.cached_property
+    def tokenizer(self) -> GGUFTokenizerParts:
+        """The tokenizer the metadata describes (pipelines/gguf_tokenizer.py), built once."""
+        return tokenizer_from_gguf(self.metadata, str(self.path))
+
     def special_tokens(self) -> dict[str, str]:
-        """bos_token / eos_token / unk_token / pad_token strings, from their ids in the token list."""
-        tokens = self.metadata.get("tokenizer.ggml.tokens") or []
-        out = {}
-        for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-            index = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
-            if index is not None and 0 <= index < len(tokens):
-                out[f"{role}_token"] = tokens[index]
-        return out
+        """bos_token / eos_token / unk_token / pad_token strings."""
+        return dict(self.tokenizer.special_tokens)
 
 
 @functools.lru_cache(maxsize=4)
@@ -279,12 +275,28 @@ def _open(path: Path, mtime: int) -> GGUFCheckpoint:
     return GGUFCheckpoint(path)
 
 
+def read_metadata(path: str | Path) -> dict[str, object]:
+    """Every metadata field of a GGUF file (the GGUF.* header ones included) as a plain Python value: str, int,
+    float, bool or a list of them. Without the architecture check of GGUFCheckpoint: any GGUF file reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    return _decode_fields(_reader(path), path)
+
+
+def _reader(path: Path):
+    from gguf import GGUFReader  # imported here: 0.2 s that only GGUF users pay
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as e:  # a wrong magic, a truncated file, an unknown type
+        raise GGUFError(f"{path} is not a readable GGUF file: {e}") from e
+
+
 def _decode_fields(reader, path: Path) -> dict:
     """Every metadata field as a Python value (strings, numbers, lists)."""
     out = {}
     for key, value in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
         try:
             out[key] = value.contents()
         except (ValueError, IndexError, UnicodeDecodeError) as e:

@@ -1,6 +1,7 @@
 """A `tokenizers.Tokenizer` rebuilt from a GGUF file's metadata, for checkpoints that ship no tokenizer.json.
 
-    parts = tokenizer_from_gguf(read_gguf_metadata("SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    parts = GGUFCheckpoint.open("SmolLM2-135M-Instruct.Q4_1.gguf").tokenizer     # pipelines/gguf.py
+    parts = tokenizer_from_gguf(metadata, source)   # from decoded metadata (pipelines.gguf.read_metadata)
     parts.backend.encode("Hi").ids, parts.special_tokens, parts.add_bos_token, parts.model_max_length
 
 The result equals transformers' GGUF tokenizer (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`, transformers
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
@@ -104,17 +104,6 @@ class GGUFTokenizerParts:
     add_bos_token: bool
     add_eos_token: bool
     model_max_length: int | None
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, object]:
-    """Every metadata field of a GGUF file (GGUF.version etc. included) as a plain Python value: str, int, float,
-    bool or a list of them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file at {path}")
-    from gguf import GGUFReader  # imported here: 0.2 s that only GGUF users pay
-
-    return {key: field.contents() for key, field in GGUFReader(str(path)).fields.items()}
 
 
 def tokenizer_from_gguf(metadata: Mapping[str, object], source: str) -> GGUFTokenizerParts:

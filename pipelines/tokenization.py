@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tokenizers
 
-from pipelines.gguf_tokenizer import read_gguf_metadata, tokenizer_from_gguf
+from pipelines.gguf import GGUFCheckpoint
 from pipelines.processors.layout import Layout, Mask, Padded
 
 # tokenizer_config.json stores "no limit" as a huge integer (int(1e30)); anything above this means unset.
@@ -81,7 +81,7 @@ class Tokenizer:
         """From a Hub folder's tokenizer files, or from a `.gguf` file's metadata (pipelines/gguf_tokenizer.py)."""
         folder = Path(folder)
         if folder.suffix == ".gguf":
-            parts = tokenizer_from_gguf(read_gguf_metadata(folder), str(folder))
+            parts = GGUFCheckpoint.open(folder).tokenizer
             return cls(parts.backend, special_tokens=parts.special_tokens, model_max_length=parts.model_max_length)
         path = folder / "tokenizer.json"
         if not path.is_file():

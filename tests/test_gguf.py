@@ -51,13 +51,14 @@ def _stored(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def _tokenizer_fields(writer: GGUFWriter, vocab: int) -> None:
-    """A byte-level BPE vocabulary of `vocab` tokens (no merges): enough for transformers' GGUF loader."""
-    tokens = [chr(0x100 + i) if i >= 3 else ("<s>", "</s>", "<unk>")[i] for i in range(vocab)]
+    """A byte-level BPE vocabulary of `vocab` tokens with one merge: enough for both GGUF tokenizers."""
+    tokens = [chr(0x100 + i) if i >= 3 else ("<s>", "</s>", "<unk>")[i] for i in range(vocab - 1)]
+    tokens.append(tokens[3] + tokens[4])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    writer.add_token_merges([])
+    writer.add_token_merges([f"{tokens[3]} {tokens[4]}"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
 

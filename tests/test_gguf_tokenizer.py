@@ -14,7 +14,8 @@ import transformers
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers, trainers
 
-from pipelines.gguf_tokenizer import read_gguf_metadata, tokenizer_from_gguf
+from pipelines.gguf import read_metadata as read_gguf_metadata
+from pipelines.gguf_tokenizer import tokenizer_from_gguf
 from pipelines.tokenization import Tokenizer
 from tests.checkpoints import SENTENCES
 
