@@ -7,6 +7,7 @@ Only torch is imported here; model files import this module and nothing of each 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,13 +175,14 @@ class Rotary:
         return 2 * len(self.inv_freq)
 
     def dynamic_inv_freq(self, lengths: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """(B,) sequence lengths -> (B, dim/2) inverse frequencies; rows within max_positions keep `inv_freq`."""
+        """(B,) sequence lengths -> (B, dim/2) inverse frequencies, or (B, T) per token -> (B, T, dim/2); lengths
+        within max_positions keep `inv_freq`."""
         d, factor = self.dim, self.dynamic_factor
         seq_len = lengths.clamp(min=self.max_positions).float()  # (B,)
         base = self.theta * (factor * seq_len / self.max_positions - (factor - 1)) ** (d / (d - 2))  # (B,)
         exponents = torch.arange(0, d, 2, dtype=torch.int64, device=lengths.device).float() / d  # (dim/2,)
-        scaled = 1.0 / (base[:, None] ** exponents)  # (B, dim/2)
-        return torch.where((lengths > self.max_positions)[:, None], scaled, inv_freq)
+        scaled = 1.0 / (base[..., None] ** exponents)  # (B, dim/2) or (B, T, dim/2)
+        return torch.where((lengths > self.max_positions)[..., None], scaled, inv_freq)
 
 
 class RotaryEmbedding(nn.Module):
@@ -201,10 +203,12 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, positions: torch.Tensor, seq_lengths: torch.Tensor, dtype: torch.dtype):
-        """positions (B, T), seq_lengths (B,) (each sequence's length after this step, for dynamic scaling)."""
+        """positions (B, T), seq_lengths (B,) (each sequence's length after this step, for dynamic scaling) or
+        (B, T) (per token: a packed pass holds several sequences in a row)."""
         inv_freq = self.inv_freq(positions.device)  # (dim/2,)
         if self.rotary.dynamic_factor is not None:
-            inv_freq = self.rotary.dynamic_inv_freq(seq_lengths, inv_freq)[:, None, :]  # (B, 1, dim/2)
+            inv_freq = self.rotary.dynamic_inv_freq(seq_lengths, inv_freq)  # (B, dim/2) or (B, T, dim/2)
+            inv_freq = inv_freq[:, None, :] if seq_lengths.dim() == 1 else inv_freq  # (B, 1 or T, dim/2)
         freqs = positions[..., None].float() * inv_freq  # (B, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -217,14 +221,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache:
-    """Keys and values of the running sequences, owned and sized by the generation engine.
+BLOCK_SIZE = 16  # positions per KV-cache block unless the cache is made with another
 
-    `k` and `v` are (n_layers, slots, n_kv_heads, capacity, head_dim). A sequence owns one slot; the engine keeps
-    running sequences in slots 0..n-1 (moving the last one into a freed slot), so a decode step reads the view
-    `k[layer, :n, :, :length]` without gathering. The cache never advances itself: the engine knows every
-    sequence's length and describes each forward pass with `KVRows`; models only write the keys and values of
-    the tokens they are given at the positions they are given.
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's tokens in a forward pass through the KV cache.
+
+    `length` tokens of batch row `row`, from token `start` of that row, at positions offset..offset+length-1 (the
+    sequence's earlier positions are already in the cache). `blocks`: the cache blocks the sequence owns, in
+    position order (position p lives in block blocks[p // block_size]). `rope_length`: the sequence length its
+    rotary scaling is computed for (dynamic NTK only; default offset + length, a prefill chunk gives its prompt's).
+    """
+
+    row: int
+    start: int
+    length: int
+    offset: int
+    blocks: tuple[int, ...]
+    rope_length: int | None = None
+
+    @property
+    def end(self) -> int:
+        """The sequence's length after this pass: the keys its last token attends to."""
+        return self.offset + self.length
+
+
+class KVCache:
+    """Keys and values of every running sequence in one arena, allocated once and owned by the generation engine.
+
+    `k` and `v` are (n_layers, n_kv_heads, positions, head_dim) with positions = blocks x block_size: `tokens`
+    positions rounded up to whole blocks. A sequence owns whole blocks (its block table, `Segment.blocks`); where
+    they are consecutive its keys are one slice of the arena, `k[layer, :, a:b]`, read in place. The arena is
+    allocated empty (untouched pages cost no memory until written) and attention reads only written positions.
+
+    `KVCache(..., slots=S, capacity=C)` is the arena of S blocks of C positions, for callers that keep one
+    sequence per slot: `rows(start, length)` puts row b of a pass in slot start + b. The cache never advances
+    itself: each forward pass is described by a `KVRows` and models write only the tokens they are given.
     """
 
     def __init__(
@@ -233,84 +266,181 @@ class KVCache:
         n_kv_heads: int,
         head_dim: int,
         *,
-        slots: int,
-        capacity: int,
-        device: torch.device,
+        tokens: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        slots: int | None = None,
+        capacity: int | None = None,
+        device: torch.device | str,
         dtype: torch.dtype,
     ):
-        self.shape = (n_layers, slots, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        if (tokens is None) == (slots is None and capacity is None) or (slots is None) != (capacity is None):
+            raise ValueError(f"give tokens= or both slots= and capacity=, got {tokens=}, {slots=}, {capacity=}")
+        if slots is not None:
+            tokens, block_size = slots * capacity, capacity
+        if tokens < 1 or block_size < 1:
+            raise ValueError(f"the KV cache needs tokens >= 1 and block_size >= 1, got {tokens=}, {block_size=}")
+        self.blocks, self.block_size = -(-tokens // block_size), block_size
+        shape = (n_layers, n_kv_heads, self.blocks * block_size, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     @property
-    def slots(self) -> int:
-        return self.shape[1]
+    def positions(self) -> int:
+        return self.k.shape[2]
 
     @property
-    def capacity(self) -> int:
-        return self.shape[3]
-
-    def resize(self, slots: int, capacity: int) -> None:
-        """Reallocate to `slots` x `capacity` positions, keeping the stored slots and positions that still fit
-        (the caller keeps every live sequence within the new shape)."""
-        n_layers, old_slots, n_kv, old_cap, hs = self.shape
-        self.shape = (n_layers, slots, n_kv, capacity, hs)
-        keep_slots, keep_cap = min(slots, old_slots), min(capacity, old_cap)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(self.shape)
-            new[:, :keep_slots, :, :keep_cap] = old[:, :keep_slots, :, :keep_cap]
-            setattr(self, name, new)
-
-    def move(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` positions of slots `src` into slots `dst` (all layers at once)."""
-        if not src:
-            return
-        src_t = torch.tensor(src, device=self.k.device)
-        dst_t = torch.tensor(dst, device=self.k.device)
-        for t in (self.k, self.v):
-            t[:, dst_t, :, :length] = t[:, src_t, :, :length]
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
     def rows(self, start: int, length: int, prefill: bool = False) -> KVRows:
-        return KVRows(self, start, length, prefill)
+        """A pass whose row b is the sequence in block (slot) start + b, reading and writing positions below
+        `length` (at most the block size). Each row's real tokens (`lengths` of the forward pass) sit at
+        consecutive positions from the row's first; `prefill` says they start new sequences (position 0), which
+        the pass checks."""
+        if length > self.block_size:
+            raise ValueError(f"{length} positions asked for, but the KV cache holds {self.block_size} per slot")
+        return KVRows(self, slots=(start, length, prefill))
+
+
+def _ranges(blocks: tuple[int, ...], block_size: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Arena ranges [a, b) holding positions lo..hi-1 of a sequence with these blocks, consecutive blocks merged."""
+    out: list[tuple[int, int]] = []
+    for i in range(lo // block_size, (hi - 1) // block_size + 1):
+        a = blocks[i] * block_size + max(lo - i * block_size, 0)
+        b = blocks[i] * block_size + min(hi - i * block_size, block_size)
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 class KVRows:
-    """What one forward pass of B sequences sees of a KVCache: slots start..start+B, positions 0..length-1.
+    """What one forward pass sees of a KVCache: its tokens grouped into `segments`, one per sequence.
 
-    prefill=True: every row's tokens sit at positions 0..T-1 (new sequences, right-padded to T); their keys and
-    values are written by slicing and attended to directly. Otherwise (decode, or continuing a cached sequence)
-    they are written at their positions and attention reads the cache view up to `length` (max over rows of
-    position + 1). Padding tokens also write their keys beyond a row's real end; those positions are masked until
-    the sequence's own later tokens overwrite them.
+    Decode: B rows of one token, one segment each. Packed prefill: one row of several prompts' tokens (or chunks
+    of them) end to end, a segment each; with `last_only` the pass returns the last token of the segments listed
+    in `outputs` (default all), and attention stays within each segment (the block-diagonal causal mask, done
+    segment by segment). Each token's keys and values are written at its position; then each segment's queries
+    attend to its sequence's cached keys in place (one arena slice where its blocks are consecutive), only the
+    real ones: positions below the segment's end, within the layer's sliding window. A KVRows serves one pass.
     """
 
-    def __init__(self, cache: KVCache, start: int, length: int, prefill: bool = False):
-        if length > cache.capacity:
-            raise ValueError(f"{length} positions asked for, but the KV cache holds {cache.capacity} per slot")
-        self.cache, self.start, self.length, self.prefill = cache, start, length, prefill
-        self._rows: torch.Tensor | None = None  # (B, 1) row index for the decode write, made once per pass
+    def __init__(
+        self,
+        cache: KVCache,
+        segments: Sequence[Segment] = (),
+        outputs: Sequence[int] | None = None,
+        *,
+        slots: tuple[int, int, bool] | None = None,
+    ):
+        self.cache, self.segments, self._slots = cache, list(segments), slots
+        self._outputs = outputs
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Store k, v (B, nkv, T, hs) of tokens at `positions` (B, T); the keys and values to attend to."""
-        B, _, T, _ = k.shape
-        k_rows = self.cache.k[layer, self.start : self.start + B]  # (B, nkv, capacity, hs) view
-        v_rows = self.cache.v[layer, self.start : self.start + B]
-        if self.prefill:
-            k_rows[:, :, :T] = k
-            v_rows[:, :, :T] = v
-            return k, v
-        if self._rows is None or self._rows.shape[0] != B:
-            self._rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-        k_rows[self._rows, :, positions] = k.transpose(1, 2)  # (B, T, nkv, hs) at (row, position)
-        v_rows[self._rows, :, positions] = v.transpose(1, 2)
-        return k_rows[:, :, : self.length], v_rows[:, :, : self.length]  # (B, nkv, length, hs) views
+    # -- once per pass: where every token goes, what every segment reads ------------------------------------------
+    def bind(self, positions: torch.Tensor, lengths: torch.Tensor, windows, dtype: torch.dtype) -> None:
+        """Resolve this pass (positions (B, T), lengths (B,) of real tokens) for layers with these windows."""
+        B, T = positions.shape
+        if self._slots is not None:
+            self.segments = self._slot_segments(positions, lengths)
+        bs, device = self.cache.block_size, positions.device
+        tokens, writes = [], []
+        for seg in self.segments:
+            if seg.end > len(seg.blocks) * bs:
+                raise ValueError(
+                    f"a sequence of {seg.end} positions does not fit its {len(seg.blocks)} blocks of {bs} positions"
+                )
+            tokens.extend(range(seg.row * T + seg.start, seg.row * T + seg.start + seg.length))
+            for a, b in _ranges(seg.blocks, bs, seg.offset, seg.end):
+                writes.extend(range(a, b))
+        self._tokens = None if tokens == list(range(B * T)) else torch.tensor(tokens, device=device)
+        self._writes = torch.tensor(writes, device=device)
+        self._reads, self._masks = {}, {}
+        for w in windows:
+            self._reads[w], self._masks[w] = zip(*(self._plan(seg, w, dtype, device) for seg in self.segments))
+        one_per_row = [s.row for s in self.segments] == list(range(B))
+        rope = [s.rope_length or s.end for s in self.segments]
+        if one_per_row:
+            self.seq_lengths = torch.tensor(rope, device=device)  # (B,)
+            self.lengths = lengths
+        else:
+            per_token = torch.ones(B * T, dtype=torch.long)
+            for seg, n in zip(self.segments, rope):
+                per_token[seg.row * T + seg.start : seg.row * T + seg.start + seg.length] = n
+            self.seq_lengths = per_token.view(B, T).to(device)  # (B, T)
+            if B != 1:
+                raise ValueError(f"a packed pass (several sequences in a row) is one row, got {B} rows")
+            wanted = range(len(self.segments)) if self._outputs is None else self._outputs
+            ends = [self.segments[i].start + self.segments[i].length for i in wanted]
+            self.lengths = torch.tensor([ends], dtype=torch.long, device=device)  # (1, k)
 
-    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """The position of every key `update` returns: the tokens' own (B, T) in prefill, else 0..length-1."""
-        if self.prefill:
-            return positions
-        return torch.arange(self.length, device=positions.device)
+    def _slot_segments(self, positions: torch.Tensor, lengths: torch.Tensor) -> list[Segment]:
+        start, length, prefill = self._slots
+        first, counts = positions[:, 0].tolist(), lengths.tolist()
+        if prefill and any(first):
+            raise ValueError(f"a prefill pass starts every row at position 0, got first positions {first}")
+        if max(f + n for f, n in zip(first, counts)) > length:
+            raise ValueError(
+                f"positions up to {max(f + n for f, n in zip(first, counts))} asked for, rows hold {length}"
+            )
+        return [Segment(b, 0, n, f, (start + b,)) for b, (f, n) in enumerate(zip(first, counts))]
+
+    def _plan(self, seg: Segment, window: int | None, dtype: torch.dtype, device):
+        """The arena ranges a segment's queries read, and their mask: None for one query (every key read is
+        visible), "causal" for a whole new sequence without a window, else an additive (1, 1, n, S) mask."""
+        lo = 0 if window is None else max(0, seg.offset - window + 1)
+        if seg.length == 1 and window is not None:
+            lo = max(0, seg.end - window)
+        reads = _ranges(seg.blocks, self.cache.block_size, lo, seg.end)
+        if seg.length == 1:
+            return reads, None
+        if seg.offset == 0 and window is None:
+            return reads, "causal"
+        q = torch.arange(seg.offset, seg.end, device=device)[None]  # (1, n)
+        k = torch.arange(lo, seg.end, device=device)  # (S,)
+        return reads, causal_mask(q, k, window, dtype)
+
+    # -- every layer ----------------------------------------------------------------------------------------------
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None
+    ) -> torch.Tensor:
+        """Write k, v (B, nkv, T, hs) of the pass's tokens into the cache, then attend q (B, nh, T, hs) segment by
+        segment -> (B, T, nh * hs) (padding tokens, outside every segment, get zeros)."""
+        B, nh, T, hs = q.shape
+        nkv = k.shape[1]
+        keys, values = self.cache.k[layer], self.cache.v[layer]  # (nkv, positions, hs)
+        for new, store in ((k, keys), (v, values)):
+            new = new.transpose(0, 1).reshape(nkv, B * T, hs)  # (nkv, B*T, hs)
+            store.index_copy_(1, self._writes, new if self._tokens is None else new[:, self._tokens])
+        outs = []
+        for seg, reads, mask in zip(self.segments, self._reads[window], self._masks[window]):
+            qs = q[seg.row, :, seg.start : seg.start + seg.length]  # (nh, n, hs)
+            ks, vs = _gather(keys, reads), _gather(values, reads)  # (nkv, S, hs), views where one range
+            if mask is None:  # one query: the heads sharing a kv head are its query rows, no mask, no repeat
+                y = F.scaled_dot_product_attention(qs.reshape(1, nkv, nh // nkv, hs), ks[None], vs[None], scale=scale)
+                outs.append(y.reshape(1, nh * hs))
+                continue
+            y = F.scaled_dot_product_attention(
+                qs[None],
+                ks[None],
+                vs[None],
+                attn_mask=None if mask == "causal" else mask,
+                is_causal=mask == "causal",
+                scale=scale,
+                enable_gqa=nh != nkv,
+            )  # (1, nh, n, hs)
+            outs.append(y[0].transpose(0, 1).reshape(seg.length, nh * hs))
+        y = torch.cat(outs)  # (tokens, nh * hs)
+        if self._tokens is not None:
+            y = y.new_zeros(B * T, nh * hs).index_copy_(0, self._tokens, y)
+        return y.view(B, T, nh * hs)
+
+
+def _gather(store: torch.Tensor, reads: list[tuple[int, int]]) -> torch.Tensor:
+    """store (nkv, positions, hs) at the arena ranges `reads`: a view for one range, else a copy."""
+    if len(reads) == 1:
+        return store[:, reads[0][0] : reads[0][1]]
+    return torch.cat([store[:, a:b] for a, b in reads], dim=1)
 
 
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int | None, dtype: torch.dtype):
@@ -329,12 +459,24 @@ def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: in
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    step: DecoderStep,
+    layer: int,
+    window: int | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """q (B, nh, T, hs) over k, v (B, nkv, S, hs) with nh a multiple of nkv (grouped-query), mask from
-    `causal_mask` -> (B, T, nh * hs). Keys and values may be strided views of the KV cache."""
+    """q (B, nh, T, hs) over k, v (B, nkv, T, hs) of the same tokens, nh a multiple of nkv (grouped-query), in
+    layer `layer` with sliding window `window` (None: all keys) -> (B, T, nh * hs).
+
+    Without a cache the tokens attend to each other under `step`'s causal mask. With one (`step.cache`, a
+    KVRows) their keys and values are written at their positions and each sequence attends to its cached ones.
+    """
+    if step.cache is not None:
+        return step.cache.attend(layer, q, k, v, window, scale)
     B, nh, T, hs = q.shape
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nh != k.shape[1])
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.masks[window], scale=scale, enable_gqa=nh != k.shape[1])
     return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
@@ -342,9 +484,11 @@ def causal_attention(
 class DecoderStep:
     """What every layer of one decoder forward pass shares, built once by `decoder_step`.
 
-    positions (B, T) of the tokens (right padding continues counting); lengths (B,) real tokens per row;
-    seq_lengths (B,) each sequence's length after this step (position of its last real token + 1); masks, one
-    per distinct sliding window of the model's layers (None: full causal); cache, the KVRows or None.
+    positions (B, T) of the tokens (right padding continues counting); lengths, where `last_tokens` reads: (B,)
+    real tokens per row, or for a packed pass (1, k) the ends of the k sequences whose next token is wanted;
+    seq_lengths, each sequence's length after this step for rotary scaling: (B,), or (B, T) per token in a packed
+    pass; masks, one per distinct sliding window of the model's layers (None: full causal), for a pass without a
+    cache; cache, the bound KVRows or None.
     """
 
     positions: torch.Tensor
@@ -374,13 +518,17 @@ def decoder_step(
             f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}, "
             f"lengths {tuple(lengths.shape)} must be ({B},)"
         )
+    if cache is not None:
+        cache.bind(positions, lengths, set(windows), dtype)
+        return DecoderStep(positions, cache.lengths, cache.seq_lengths, {}, cache)
     seq_lengths = positions.gather(1, (lengths - 1)[:, None])[:, 0] + 1  # (B,)
-    k_positions = positions if cache is None else cache.key_positions(positions)
-    masks = {w: causal_mask(positions, k_positions, w, dtype) for w in set(windows)}
-    return DecoderStep(positions, lengths, seq_lengths, masks, cache)
+    masks = {w: causal_mask(positions, positions, w, dtype) for w in set(windows)}
+    return DecoderStep(positions, lengths, seq_lengths, masks, None)
 
 
 def last_tokens(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """h (B, T, C) -> (B, 1, C) at each row's last real token (right padding)."""
-    index = (lengths - 1)[:, None, None].expand(-1, 1, h.shape[-1])  # (B, 1, C)
+    """h (B, T, C) -> (B, 1, C) at each row's last real token (right padding), or with lengths (B, k) of token
+    ends (a packed pass) -> (B, k, C) at each end's last token."""
+    ends = lengths if lengths.dim() == 2 else lengths[:, None]  # (B, k)
+    index = (ends - 1)[..., None].expand(-1, -1, h.shape[-1])  # (B, k, C)
     return h.gather(1, index)

@@ -42,6 +42,7 @@ class DeviceDefaults:
     max_sequences: int  # generation: sequences running at once in the engine
     prefill_tokens: int  # generation: prompt tokens prefilled per engine step
     request_batch_tokens: int  # Serve: tokens of concurrent requests gathered into one model call
+    kv_cache_bytes: int  # generation: the engine's KV cache (keys and values), allocated once
 
 
 # On 2 CPU cores (MiniLM, mixed lengths) 128 rows / 2,048 tokens per micro-batch ran about 2x faster than 32 rows
@@ -49,13 +50,28 @@ class DeviceDefaults:
 # micro-batch holds: the pipeline cuts it into length-sorted micro-batches, so requests of mixed lengths pad little.
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     "cpu": DeviceDefaults(
-        batch_size=128, max_batch_tokens=2048, max_sequences=64, prefill_tokens=2048, request_batch_tokens=4096
+        batch_size=128,
+        max_batch_tokens=2048,
+        max_sequences=64,
+        prefill_tokens=2048,
+        request_batch_tokens=4096,
+        kv_cache_bytes=512 * 2**20,
     ),
     "cuda": DeviceDefaults(
-        batch_size=128, max_batch_tokens=16384, max_sequences=64, prefill_tokens=8192, request_batch_tokens=16384
+        batch_size=128,
+        max_batch_tokens=16384,
+        max_sequences=64,
+        prefill_tokens=8192,
+        request_batch_tokens=16384,
+        kv_cache_bytes=8 * 2**30,
     ),
     "mps": DeviceDefaults(
-        batch_size=128, max_batch_tokens=8192, max_sequences=64, prefill_tokens=4096, request_batch_tokens=8192
+        batch_size=128,
+        max_batch_tokens=8192,
+        max_sequences=64,
+        prefill_tokens=4096,
+        request_batch_tokens=8192,
+        kv_cache_bytes=2 * 2**30,
     ),
 }
 

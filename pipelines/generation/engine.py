@@ -6,21 +6,30 @@
         for event in engine.step():              # TokenEvent(seq_id, token_id, finished, finish_reason)
             ...
 
-One `step()` is one scheduler iteration: every running sequence decodes one token (a single forward pass over
-all of them), then waiting sequences are admitted and prefilled (forward passes over their prompts, right-padded,
-shortest first, each at most `max_batch_tokens` padded tokens), which also gives each its first token.
+One `step()` is one scheduler iteration: every sequence past its prompt decodes one token (one forward pass over
+all of them), then waiting sequences are admitted and up to `max_batch_tokens` prompt tokens are prefilled in one
+more forward pass. That pass is packed: the prompts (or chunks of them) lie end to end in one row with their own
+positions, no padding, each attending only to itself. A prompt longer than what is left of the budget is
+prefilled in chunks over several steps, first come first served, while the running sequences keep decoding; its
+first token comes with its last chunk.
 
-Admission is first come, first served under three limits: `max_sequences` running at once; `kv_cache_tokens`
-of KV memory; and `max_batch_tokens` of prompt tokens admitted per step (a longer prompt is admitted alone).
+The KV cache (`layers.KVCache`) is allocated once, at the first step, with `kv_cache_tokens` positions in blocks
+of `block_size`: (n_layers, kv heads, positions, head size) for keys and for values. Its default is the device's
+`DEVICE_DEFAULTS.kv_cache_bytes` over the bytes one position takes (2 x layers x kv heads x head size x the
+element size), at most max_sequences x max_length. A sequence is given whole blocks when it is admitted, enough
+for its prompt + max_new_tokens, and gives them back when it finishes: admission keeps the sum of these
+reservations within the cache, so a running sequence never waits for memory and is never preempted. The pool
+gives consecutive blocks where a free run is long enough, so a sequence's keys are usually one slice of the
+cache, which attention reads in place; scattered blocks are gathered for that sequence alone.
 
-The KV cache (`layers.KVCache`) belongs to the engine. Running sequence i owns slot i: when one finishes, the
-last one's keys and values move into its slot, so a decode step attends to the view `k[:, :n, :, :length]`
-with a per-row mask instead of gathering. Each slot therefore holds as many positions as the longest
-reservation (prompt + max_new_tokens) among the running sequences, and admission keeps what that really costs,
-(running + 1) x longest reservation, within `kv_cache_tokens` (which also bounds the sum of the reservations).
-A sequence whose reservation alone exceeds it is refused at `add`. The cache is reallocated when the running
-set needs another shape: slots rounded up to a power of two and positions to CACHE_BLOCK where the budget
-allows, never more than `kv_cache_tokens` positions in all.
+Attention reads each sequence's real length: a decode step attends sequence by sequence to exactly its cached
+positions (within its layer's sliding window), rather than to the longest row's length under a mask. On the
+2-core CPU that was faster than both the padded batch and a gather into one (see the KVRows docstring in
+layers.py and the numbers in BENCHMARKS.md).
+
+Admission is first come, first served under three limits: `max_sequences` admitted at once (prefilling or
+decoding); free blocks for the whole reservation; and something left of this step's `max_batch_tokens`. A
+sequence whose reservation alone exceeds `kv_cache_tokens` is refused at `add`.
 
 Token choice is pluggable: `select(logits (B, V) float32, histories, states) -> LongTensor (B,)`, where
 histories[i] is row i's prompt + generated ids and states[i] the `sampler_state` given to `add` (opaque here).
@@ -40,7 +49,6 @@ from torch import nn
 from pipelines import layers
 from pipelines.runtime import DEVICE_DEFAULTS
 
-CACHE_BLOCK = 256  # cache capacity grows in multiples of this many positions
 FINISH_REASONS = ("stop", "length")
 
 Select = Callable[[torch.Tensor, list, list], torch.Tensor]
@@ -72,6 +80,8 @@ class _Sequence:
     stop: Callable[[list[int]], bool] | None
     state: object
     generated: list[int] = field(default_factory=list)
+    blocks: tuple[int, ...] = ()  # the KV-cache blocks it owns while admitted
+    prefilled: int = 0  # prompt tokens whose keys and values are in the cache
 
     @property
     def reserved(self) -> int:
@@ -91,8 +101,37 @@ class _Sequence:
         return None
 
 
-def _round_up(n: int, block: int) -> int:
-    return -(-n // block) * block
+class BlockPool:
+    """The free blocks of a KV cache of `n` blocks. `take(k)` gives the shortest free run of at least k
+    consecutive blocks (best fit, so long runs stay whole), else the longest runs until k are found."""
+
+    def __init__(self, n: int):
+        self.free = list(range(n))  # sorted
+
+    def __len__(self) -> int:
+        return len(self.free)
+
+    def take(self, k: int) -> tuple[int, ...]:
+        if k > len(self.free):
+            raise ValueError(f"{k} blocks asked for, {len(self.free)} free")
+        runs, start = [], 0  # (length, index into free) of each run of consecutive free blocks
+        for i in range(1, len(self.free) + 1):
+            if i == len(self.free) or self.free[i] != self.free[i - 1] + 1:
+                runs.append((i - start, start))
+                start = i
+        fits = [run for run in runs if run[0] >= k]
+        chosen = [(k, min(fits)[1])] if fits else sorted(runs, reverse=True)
+        taken: list[int] = []
+        for length, at in chosen:
+            taken += self.free[at : at + min(length, k - len(taken))]
+            if len(taken) == k:
+                break
+        gone = set(taken)
+        self.free = [b for b in self.free if b not in gone]
+        return tuple(taken)
+
+    def give(self, blocks: Sequence[int]) -> None:
+        self.free = sorted(self.free + list(blocks))
 
 
 class Engine:
@@ -101,8 +140,10 @@ class Engine:
     model: a loaded causal LM whose config has `max_input_length`, `cache_shape` and `vocab_size`.
     device, dtype: where the KV cache lives and its dtype (default: the model's embeddings').
     max_length: the longest sequence, prompt + generated (default: the model's `max_input_length`).
-    max_batch_tokens (prompt tokens prefilled per step), max_sequences (sequences running at once): default from
-    DEVICE_DEFAULTS for the cache's device.
+    max_batch_tokens (prompt tokens prefilled per step), max_sequences (sequences admitted at once): default from
+    DEVICE_DEFAULTS for the cache's device. kv_cache_tokens: positions of the KV cache (default: DEVICE_DEFAULTS'
+    kv_cache_bytes over the bytes per position, at most max_sequences x max_length). block_size: positions per
+    cache block, the unit sequences are given.
     """
 
     def __init__(
@@ -116,6 +157,7 @@ class Engine:
         max_sequences: int | None = None,
         kv_cache_tokens: int | None = None,
         max_length: int | None = None,
+        block_size: int = layers.BLOCK_SIZE,
     ):
         config = model.config
         self.model, self.select = model, select
@@ -126,14 +168,28 @@ class Engine:
         defaults = DEVICE_DEFAULTS[self.device.type]
         self.max_batch_tokens = defaults.prefill_tokens if max_batch_tokens is None else max_batch_tokens
         self.max_sequences = max_sequences = defaults.max_sequences if max_sequences is None else max_sequences
-        self.kv_cache_tokens = kv_cache_tokens or max_sequences * self.max_length
-        for name in ("max_batch_tokens", "max_sequences", "kv_cache_tokens", "max_length"):
+        self.block_size = block_size
+        if kv_cache_tokens is None:
+            fits = defaults.kv_cache_bytes // self.bytes_per_position
+            kv_cache_tokens = max(1, min(fits, max_sequences * self.max_length))
+        self.kv_cache_tokens = kv_cache_tokens
+        for name in ("max_batch_tokens", "max_sequences", "kv_cache_tokens", "max_length", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive number of tokens, got {getattr(self, name)}")
         self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []  # running[i] owns cache slot i
+        self.running: list[_Sequence] = []  # admitted (prefilling or decoding), in admission order
         self.sequences: dict[Hashable, _Sequence] = {}
         self.cache: layers.KVCache | None = None
+        self.pool: BlockPool | None = None
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV-cache bytes of one token: keys and values of every layer."""
+        n_layers, n_kv, head_dim = self.model.config.cache_shape
+        return 2 * n_layers * n_kv * head_dim * self.dtype.itemsize
+
+    def _blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
 
     # -- the queue ------------------------------------------------------------------------------------------
     def add(
@@ -170,7 +226,7 @@ class Engine:
         if seq.reserved > self.kv_cache_tokens:
             raise ValueError(
                 f"prompt of {len(prompt)} tokens + {max_new} new tokens can never fit the KV cache "
-                f"budget of kv_cache_tokens={self.kv_cache_tokens}"
+                f"budget of kv_cache_tokens={self.kv_cache_tokens}; raise kv_cache_tokens or ask for fewer tokens"
             )
         self.sequences[seq_id] = seq
         self.waiting.append(seq)
@@ -184,15 +240,14 @@ class Engine:
             self.waiting.remove(seq)
             del self.sequences[seq_id]
         else:
-            with torch.inference_mode():  # the cache holds inference tensors
-                self._release([seq])
+            self._release([seq])
         return True
 
     def reset(self) -> None:
         """Forget every sequence and the cache: the way back to a consistent engine after a failed step (a
-        forward pass that ran out of memory leaves slots half written)."""
+        forward pass that ran out of memory leaves blocks half written). The next step allocates it again."""
         self.waiting.clear()
-        self.running, self.sequences, self.cache = [], {}, None
+        self.running, self.sequences, self.cache, self.pool = [], {}, None, None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -226,67 +281,94 @@ class Engine:
 
     # -- one scheduler iteration ------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Decode one token for every running sequence, then admit and prefill waiting ones."""
+        """Decode one token for every sequence past its prompt, then admit waiting ones and prefill a budget's
+        worth of prompt tokens."""
         events: list[TokenEvent] = []
         with torch.inference_mode():
-            if self.running:
+            self._reserve_cache()
+            if any(s.generated for s in self.running):
                 events += self._decode()
-            admitted = self._admit()
-            for group in self._prefill_groups(admitted):
-                events += self._prefill(group)
+            self._admit()
+            chunks = self._chunks()
+            if chunks:
+                events += self._prefill(chunks)
         return events
 
-    def _admit(self) -> list[_Sequence]:
-        """Waiting sequences, first come first served, within max_sequences, kv_cache_tokens and max_batch_tokens."""
-        admitted, tokens = [], 0
-        longest = max((s.reserved for s in self.running), default=0)
-        while self.waiting and len(self.running) + len(admitted) < self.max_sequences:
+    def _reserve_cache(self) -> None:
+        """The KV cache, allocated once: kv_cache_tokens positions in blocks of block_size."""
+        if self.cache is None:
+            n_layers, n_kv, head_dim = self.model.config.cache_shape
+            self.cache = layers.KVCache(
+                n_layers,
+                n_kv,
+                head_dim,
+                tokens=self.kv_cache_tokens,
+                block_size=self.block_size,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            self.pool = BlockPool(self.cache.blocks)
+
+    def _admit(self) -> None:
+        """Waiting sequences, first come first served, while max_sequences, free blocks for the whole reservation
+        and this step's prefill budget (what the sequences still prefilling leave of it) allow."""
+        budget = self.max_batch_tokens - sum(s.prompt_length - s.prefilled for s in self.running if not s.generated)
+        while self.waiting and len(self.running) < self.max_sequences and budget > 0:
             seq = self.waiting[0]
-            slots = len(self.running) + len(admitted) + 1
-            if slots * max(longest, seq.reserved) > self.kv_cache_tokens:
+            need = self._blocks_for(seq.reserved)
+            if need > len(self.pool):
                 break
-            if admitted and tokens + seq.prompt_length > self.max_batch_tokens:
+            seq.blocks = self.pool.take(need)
+            self.running.append(self.waiting.popleft())
+            budget -= seq.prompt_length
+
+    def _chunks(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, prompt tokens to prefill now) in admission order, max_batch_tokens in all."""
+        chunks, budget = [], self.max_batch_tokens
+        for seq in self.running:
+            if budget == 0:
                 break
-            admitted.append(self.waiting.popleft())
-            tokens += seq.prompt_length
-            longest = max(longest, seq.reserved)
-        return admitted
+            if not seq.generated:
+                n = min(seq.prompt_length - seq.prefilled, budget)
+                chunks.append((seq, n))
+                budget -= n
+        return chunks
 
-    def _prefill_groups(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
-        """Shortest prompts first, cut so that each padded batch holds at most max_batch_tokens."""
-        groups: list[list[_Sequence]] = []
-        for seq in sorted(admitted, key=lambda s: s.prompt_length):
-            if groups and (len(groups[-1]) + 1) * seq.prompt_length <= self.max_batch_tokens:
-                groups[-1].append(seq)
-            else:
-                groups.append([seq])
-        return groups
-
-    def _prefill(self, group: list[_Sequence]) -> list[TokenEvent]:
-        """One forward pass over new sequences' prompts, right-padded; their keys and values fill new slots."""
-        start = len(self.running)
-        self.running.extend(group)
-        self._reserve_cache()
-        T = group[-1].prompt_length
-        ids = torch.tensor([s.tokens + [0] * (T - s.prompt_length) for s in group], device=self.device)  # (B, T)
-        lengths = torch.tensor([s.prompt_length for s in group], device=self.device)  # (B,)
-        rows = self.cache.rows(start, T, prefill=True)
-        logits = self.model(ids, None, lengths=lengths, cache=rows, last_only=True)  # (B, 1, V)
-        return self._emit(group, logits)
+    def _prefill(self, chunks: list[tuple[_Sequence, int]]) -> list[TokenEvent]:
+        """One packed forward pass over prompt chunks: one row, each chunk at its positions attending to its own
+        sequence; the chunks that end their prompt give their sequence's first token."""
+        ids, positions, segments, done = [], [], [], []
+        for seq, n in chunks:
+            start = seq.prefilled
+            segments.append(layers.Segment(0, len(ids), n, start, seq.blocks, rope_length=seq.prompt_length))
+            ids += seq.tokens[start : start + n]
+            positions += range(start, start + n)
+            seq.prefilled += n
+            if seq.prefilled == seq.prompt_length:
+                done.append(len(segments) - 1)
+        rows = layers.KVRows(self.cache, segments, outputs=done)
+        ids_t = torch.tensor([ids], device=self.device)  # (1, N)
+        logits = self.model(ids_t, torch.tensor([positions], device=self.device), cache=rows, last_only=True)
+        if not done:
+            return []
+        return self._emit([chunks[i][0] for i in done], logits[0])  # logits (1, k, V)
 
     def _decode(self) -> list[TokenEvent]:
-        """One token for every running sequence: its last token at its position, attending to its cached ones."""
-        seqs = self.running
+        """One token for every sequence past its prompt: its last token at its position, attending to its cached
+        ones."""
+        seqs = [s for s in self.running if s.generated]
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (n, 1)
         positions = [len(s.tokens) - 1 for s in seqs]
-        rows = self.cache.rows(0, max(positions) + 1)
+        rows = layers.KVRows(
+            self.cache, [layers.Segment(i, 0, 1, p, s.blocks) for i, (s, p) in enumerate(zip(seqs, positions))]
+        )
         pos = torch.tensor(positions, device=self.device)[:, None]  # (n, 1)
         logits = self.model(ids, pos, cache=rows, last_only=True)  # (n, 1, V)
-        return self._emit(list(seqs), logits)
+        return self._emit(seqs, logits[:, -1])
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        """Choose each row's next token, record it, and release the sequences that finished."""
-        chosen = self.select(logits[:, -1].float(), [s.tokens for s in seqs], [s.state for s in seqs])
+        """Choose each row's next token from logits (B, V), record it, and release the sequences that finished."""
+        chosen = self.select(logits.float(), [s.tokens for s in seqs], [s.state for s in seqs])
         events, done = [], []
         for seq, token in zip(seqs, chosen.tolist()):
             reason = seq.accept(token)
@@ -296,39 +378,13 @@ class Engine:
         self._release(done)
         return events
 
-    # -- the KV cache -------------------------------------------------------------------------------------------
-    def _reserve_cache(self) -> None:
-        """A slot per running sequence, each as long as the longest reservation, within kv_cache_tokens."""
-        n, longest = len(self.running), max(s.reserved for s in self.running)
-        if self.cache is not None and self.cache.slots >= n and self.cache.capacity >= longest:
-            return
-        have = (self.cache.slots, self.cache.capacity) if self.cache is not None else (0, 0)
-        round_slots = min(self.max_sequences, 1 << (n - 1).bit_length())
-        round_capacity = min(self.max_length, _round_up(longest, CACHE_BLOCK))
-        shapes = [(s, c) for s in (round_slots, n) for c in (round_capacity, longest)]  # (n, longest) fits: _admit
-        options = [(max(s, have[0]), max(c, have[1])) for s, c in shapes] + shapes  # grow only, if the budget allows
-        slots, capacity = next(o for o in options if o[0] * o[1] <= self.kv_cache_tokens)
-        if self.cache is None:
-            n_layers, n_kv, head_dim = self.model.config.cache_shape
-            self.cache = layers.KVCache(
-                n_layers, n_kv, head_dim, slots=slots, capacity=capacity, device=self.device, dtype=self.dtype
-            )
-        else:
-            self.cache.resize(slots, capacity)
-
     def _release(self, done: list[_Sequence]) -> None:
-        """Remove finished sequences; the last running ones move (with their cache rows) into the freed slots."""
+        """Remove finished (or aborted) admitted sequences; their blocks go back to the pool."""
         if not done:
             return
         gone = set(done)
-        old = self.running
-        n = len(old) - len(gone)
-        holes = [i for i in range(n) if old[i] in gone]
-        movers = [i for i in range(n, len(old)) if old[i] not in gone]
-        if movers:
-            self.cache.move(movers, holes, max(len(old[i].tokens) for i in movers))
-        self.running = old[:n]
-        for hole, mover in zip(holes, movers):
-            self.running[hole] = old[mover]
+        self.running = [s for s in self.running if s not in gone]
         for seq in done:
+            self.pool.give(seq.blocks)
+            seq.blocks = ()
             del self.sequences[seq.seq_id]

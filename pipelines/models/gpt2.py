@@ -75,9 +75,8 @@ class GPT2Attention(nn.Module):
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             for t in self.c_attn(x).split(C, dim=2)
         )
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer_idx, k, v, step.positions)  # (B, nh, S, hs)
-        return self.c_proj(layers.causal_attention(q, k, v, step.masks[None], scale=self.scale))  # (B, T, C)
+        y = layers.causal_attention(q, k, v, step, self.layer_idx, None, scale=self.scale)  # (B, T, C)
+        return self.c_proj(y)
 
 
 class GPT2MLP(nn.Module):

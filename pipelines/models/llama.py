@@ -185,9 +185,8 @@ class LlamaAttention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer_idx, k, v, step.positions)  # (B, nkv, S, hs)
-        return self.o_proj(layers.causal_attention(q, k, v, step.masks[self.window]))  # (B, T, C)
+        y = layers.causal_attention(q, k, v, step, self.layer_idx, self.window)  # (B, T, nh * hs)
+        return self.o_proj(y)  # (B, T, C)
 
 
 class LlamaMLP(nn.Module):

@@ -1,12 +1,11 @@
 """The continuous-batching engine: greedy parity with transformers' generate, sequences joining and leaving,
-stop conditions, KV-budget admission, cache growth and compaction, abort, and clear errors."""
+stop conditions, KV-budget admission, packed and chunked prefill, per-row decode attention, abort, and clear
+errors. tests/generation/test_kv_cache.py covers the cache itself: its size, blocks and full-recompute parity."""
 
 import pytest
 import torch
 import transformers
 
-from pipelines import layers
-from pipelines.generation import engine as engine_module
 from pipelines.generation.engine import Engine, TokenEvent
 from pipelines.models import gpt2, llama
 from tests.checkpoints import PROMPTS, load_ours, load_reference
@@ -117,19 +116,21 @@ def test_greedy_matches_transformers_generate(setups, name):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_batch_equals_one_at_a_time(setups, name, monkeypatch):
-    """Prompts of different lengths and max_new_tokens in one run equal each alone. The shortest prompt (slot 0)
-    finishes first, so the cache compaction (moving the last slot into the freed one) is exercised."""
+def test_batch_equals_one_at_a_time(setups, name):
+    """Prompts of different lengths and max_new_tokens in one run equal each alone. All five are prefilled in one
+    packed pass (one row of every prompt's tokens, no padding), and the ones that finish early give their blocks
+    back while the others decode on."""
     setup = setups(name)
     limits = [12, 3, 9, 1, 6]
     alone = [tokens[:n] for tokens, n in zip(setup.alone(), limits)]
-    moves = []
-    original_move = layers.KVCache.move
-    monkeypatch.setattr(
-        layers.KVCache, "move", lambda self, src, dst, n: (moves.append(src), original_move(self, src, dst, n))
-    )
-    assert setup.engine().generate(setup.prompts, limits) == alone
-    assert any(moves)
+    shapes = []
+    handle = setup.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        assert setup.engine().generate(setup.prompts, limits) == alone
+    finally:
+        handle.remove()
+    assert shapes[0] == (1, sum(map(len, setup.prompts)))
+    assert [b for b, _ in shapes[1:]] == sorted((b for b, _ in shapes[1:]), reverse=True) and shapes[-1] == (1, 1)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mistral-window", "llama-dynamic"])
@@ -177,34 +178,38 @@ def test_stop_callable(setups):
     assert seen == [full[: i + 1] for i in range(first + 1)]
 
 
-def test_kv_budget_runs_sequences_in_waves(setups, monkeypatch):
-    """With a budget of twice the largest reservation, sequences run in waves of at most two; the cache (slots x
-    positions, each slot as long as the longest reservation) never exceeds the budget; tokens are identical."""
-    monkeypatch.setattr(engine_module, "CACHE_BLOCK", 4)
+def test_kv_budget_runs_sequences_in_waves(setups):
+    """With a budget of the two largest reservations (in blocks of 4), sequences run in waves of at most two, the
+    next one admitted only when a finished one gives its blocks back; the blocks held never exceed the cache's
+    (kv_cache_tokens rounded up to a block); tokens are identical to each alone."""
     setup = setups("llama")
-    budget = 2 * max(len(p) + N for p in setup.prompts)
-    engine = setup.engine(kv_cache_tokens=budget)
+    blocks = sorted(-(-(len(p) + N) // 4) for p in setup.prompts)
+    engine = setup.engine(kv_cache_tokens=4 * (blocks[-1] + blocks[-2]), block_size=4)
     for i, p in enumerate(setup.prompts):
         engine.add(i, p, N)
     out, most = {i: [] for i in range(len(setup.prompts))}, 0
     while engine.has_work():
         for event in engine.step():
             out[event.seq_id].append(event.token_id)
-        reserved = [s.prompt_length + s.max_new_tokens for s in engine.running]
-        assert len(reserved) * max(reserved, default=0) <= budget and sum(reserved) <= budget
-        assert engine.cache.slots * engine.cache.capacity <= budget
+        held = [len(s.blocks) for s in engine.running]
+        assert held == [-(-s.reserved // 4) for s in engine.running]
+        assert sum(held) + len(engine.pool) == engine.cache.blocks == blocks[-1] + blocks[-2]
         most = max(most, len(engine.running))
     assert list(out.values()) == setup.alone()
     assert most == 2
 
 
 def test_max_sequences_and_batch_token_budget(setups):
-    """max_sequences caps the running batch; max_batch_tokens splits prefill into padded batches within budget."""
+    """max_sequences caps the admitted sequences; max_batch_tokens caps the tokens of each packed prefill pass (one
+    row), so the longest prompt is prefilled in chunks over several steps while the others decode; the tokens
+    equal each prompt alone."""
     setup = setups("qwen2-tied-windows")
+    longest = max(len(p) for p in setup.prompts)
+    budget = longest // 3 + 1  # the longest prompt needs three passes
     shapes = []
-    setup.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    handle = setup.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     try:
-        engine = setup.engine(max_sequences=3, max_batch_tokens=16)
+        engine = setup.engine(max_sequences=3, max_batch_tokens=budget)
         for i, p in enumerate(setup.prompts):
             engine.add(i, p, N)
         out, most = {i: [] for i in range(len(setup.prompts))}, 0
@@ -213,38 +218,36 @@ def test_max_sequences_and_batch_token_budget(setups):
                 out[event.seq_id].append(event.token_id)
             most = max(most, len(engine.running))
     finally:
-        setup.model._forward_pre_hooks.clear()
+        handle.remove()
     assert list(out.values()) == setup.alone()
     assert most == 3
-    prefills = [s for s in shapes if s[1] > 1]
-    longest = max(len(p) for p in setup.prompts)
-    assert all(b * t <= 16 for b, t in prefills if t <= 16) and any(t == longest for _, t in prefills)
+    prefills = [t for b, t in shapes if b == 1 and t > 1]
+    assert max(prefills) <= budget and sum(prefills) >= sum(map(len, setup.prompts)) - len(setup.prompts)
 
 
-def test_cache_grows_while_sequences_run(setups, monkeypatch):
-    """Slots and positions grow by reallocation while sequences are mid-generation, keeping their keys."""
-    monkeypatch.setattr(engine_module, "CACHE_BLOCK", 4)
+def test_a_long_prompt_is_chunked_while_others_decode(setups):
+    """A prompt longer than max_batch_tokens is prefilled over several steps while a running sequence decodes a
+    token at every one of them; its first token comes with its last chunk; both equal their tokens alone."""
     setup = setups("mistral-window")
-    engine = setup.engine()
     p = setup.prompts
-    plan = {0: [(0, p[4], 3, {})], 1: [(1, p[0], N, {})], 2: [(2, p[3], N, {}), (3, p[1], N, {})]}
-    resizes = []
-    original = layers.KVCache.resize
-
-    def resize(self, slots, capacity):
-        resizes.append((self.slots, self.capacity, slots, capacity))
-        original(self, slots, capacity)
-
-    monkeypatch.setattr(layers.KVCache, "resize", resize)
-    events = _run(engine, plan)
-    alone = setup.alone()
-    assert [e.token_id for e in events[0]] == alone[4][:3]
-    assert [[e.token_id for e in events[i]] for i in (1, 2, 3)] == [alone[0], alone[3], alone[1]]
-    assert any(new > old for old, _, new, _ in resizes) and any(new > old for _, old, _, new in resizes)
+    long_prompt = p[3] + p[2] + p[3]
+    engine = setup.engine(max_batch_tokens=8)
+    engine.add("short", p[4], N)
+    engine.step()  # prefills "short": its first token
+    engine.add("long", long_prompt, 4)
+    steps = []
+    while engine.has_work():
+        steps.append([(e.seq_id, e.token_id) for e in engine.step()])
+    chunks = -(-len(long_prompt) // 8)
+    assert [len(s) for s in steps[: chunks - 1]] == [1] * (chunks - 1)  # "short" decodes, "long" still prefills
+    assert [seq for seq, _ in steps[chunks - 1]] == ["short", "long"]
+    assert [t for s in steps for seq, t in s if seq == "long"] == engine.generate([long_prompt], 4)[0]
+    assert [t for s in steps for seq, t in s if seq == "short"][chunks - 1 :] == setup.alone()[4][chunks:]
 
 
 def test_lm_head_runs_only_at_needed_positions(setups):
-    """Prefill and decode compute logits for one position per sequence, never for the whole prompt."""
+    """Prefill and decode compute logits for one position per sequence, never for the whole prompt: the packed
+    prefill (one row) at each prompt's last token, each decode step at its one token per row."""
     setup = setups("gpt2")
     shapes = []
     handle = setup.model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
@@ -252,19 +255,33 @@ def test_lm_head_runs_only_at_needed_positions(setups):
         setup.engine().generate(setup.prompts, 4)
     finally:
         handle.remove()
-    assert shapes and all(s[1] == 1 for s in shapes)
+    C, n = setup.model.config.n_embd, len(setup.prompts)
+    assert shapes == [(1, n, C)] + [(n, 1, C)] * 3
 
 
-def test_decode_reads_cache_views():
-    """A decode step's keys and values are views of the cache (no gather or copy of the cached sequences)."""
-    cache = layers.KVCache(2, 2, 4, slots=4, capacity=8, device="cpu", dtype=torch.float32)
-    rows = cache.rows(0, 6)
-    k = torch.randn(3, 2, 1, 4)
-    keys, values = rows.update(1, k, k, torch.tensor([[5], [2], [0]]))
-    assert keys.untyped_storage().data_ptr() == cache.k.untyped_storage().data_ptr()
-    assert values.untyped_storage().data_ptr() == cache.v.untyped_storage().data_ptr()
-    assert keys.shape == (3, 2, 6, 4)
-    torch.testing.assert_close(cache.k[1, [0, 1, 2], :, [5, 2, 0]], k[:, :, 0])
+def test_decode_attends_to_each_rows_real_length(setups, monkeypatch):
+    """A decode step attends row by row to exactly that row's cached positions (not the longest row's), and the
+    keys and values it reads are views of the cache (no gather or copy): prompts of very different lengths."""
+    setup = setups("llama")
+    engine = setup.engine()
+    for i, p in enumerate(setup.prompts):
+        engine.add(i, p, 3)
+    engine.step()  # the packed prefill: a first token each
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **options):
+        calls.append((k.shape[2], k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()))
+        return sdpa(q, k, v, **options)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    engine.step()
+    n_layers = setup.model.config.num_hidden_layers
+    expected = [len(p) + 1 for p in setup.prompts] * n_layers  # prompt + first token, in row order per layer
+    assert [length for length, _, _ in calls] == expected
+    assert {(k, v) for _, k, v in calls} == {
+        (engine.cache.k.untyped_storage().data_ptr(), engine.cache.v.untyped_storage().data_ptr())
+    }
 
 
 def test_abort(setups):
