@@ -127,3 +127,29 @@ def test_documented_jobs_commands_name_modules_that_exist():
     assert {"jobs.infer", "jobs.embed", "jobs.benchmarks.embeddings", "jobs.benchmarks.tasks"} <= modules
     missing = sorted(m for m in modules if not (ROOT / (m.replace(".", "/") + ".py")).is_file())
     assert not missing, f"documented but no such module: {missing}"
+
+
+def test_the_chat_benchmark_runs_end_to_end_on_two_tiny_chats(tmp_path, smollm2_path, monkeypatch):
+    """jobs.benchmarks.chat on the real SmolLM2 file, 2 chats of 4 forced new tokens, without the greedy sanity
+    (no transformers model loaded): the sanity children find the same prompt ids on every side, ours-fp32 and
+    llama-cpp (its child under the llama-cpp-python venv, which has no torch) each generate exactly the forced
+    tokens with a first-token time inside the run, and --json holds the summary. Where that venv is absent the
+    llama-cpp row is a skip note instead. (Timings are not checked: a disturbed child is not run again here.)"""
+    from jobs.benchmarks import chat
+
+    monkeypatch.setattr(harness, "DISTURBED", 2.0)  # other processes' CPU share never reaches it
+
+    out = tmp_path / "chat.json"
+    argv = ["--prompts", "2", "--new-tokens", "4", "--sanity-prompts", "0", "--only", "ours-fp32,llama-cpp"]
+    summary = chat.main([*argv, "--wait-idle", "0", "--model", str(smollm2_path), "--json", str(out)])
+    assert json.loads(out.read_text()) == summary
+    assert summary["generated_tokens"] == 8 and summary["sanity"]["ok"] and summary["sanity"]["same_prompt_ids"] == 2
+    has_llama = Path(chat.LLAMA_PYTHON).is_file()
+    assert [r["name"] for r in summary["results"]] == ["ours-fp32", "llama-cpp"][: 1 + has_llama]
+    for r in summary["results"]:
+        assert (r["prompts"], r["tokens"], len(r["ttft_s"])) == (2, 8, 2), r
+        assert all(0 < t <= r["run_s"] for t in r["ttft_s"]), r
+    if has_llama:
+        assert summary["sanity"]["llama"]["same_prompt_ids"] == 2
+    else:
+        assert any("llama-cpp skipped" in note for note in summary["notes"])
