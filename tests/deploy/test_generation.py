@@ -19,6 +19,7 @@ from ray import serve
 from deploy.generation import build_generation_app
 from deploy.router import build_router
 from pipelines import pipeline
+from pipelines.hub import DEFAULT_CHAT_MODEL, import_folder
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog", "My name is John and I live in"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Where does John live?"}]
@@ -37,8 +38,8 @@ def paths(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(paths):
-    """Serve on 127.0.0.1 with three applications; yields {name: base URL}."""
+def server(paths, smollm2_path):
+    """Serve on 127.0.0.1 with four applications (three tiny models and the real SmolLM2 GGUF); yields {name: URL}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -61,9 +62,12 @@ def server(paths):
                 "request_timeout_s": 2.0,
                 "max_sequences": 4,
             },
+            "smol": {"model": str(smollm2_path), "served_model_name": "smollm2", "max_sequences": 8},
         }
         targets = [serve.RunTarget(build_generation_app(a), name=n, route_prefix=f"/{n}") for n, a in apps.items()]
-        targets.append(serve.RunTarget(build_router({"applications": ["qwen"]}), name="openai", route_prefix="/"))
+        targets.append(
+            serve.RunTarget(build_router({"applications": ["qwen", "smol"]}), name="openai", route_prefix="/")
+        )
         serve.run_many(targets)
         yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {"root": f"http://127.0.0.1:{port}"}
     finally:
@@ -479,11 +483,12 @@ def test_health_info_metrics_and_docs(server):
 
 
 # -- the shipped config --------------------------------------------------------------------------------------------
-def test_the_shipped_serve_config_is_valid_and_builds():
+def test_the_shipped_serve_config_is_valid_and_builds(smollm2_path):
     """`serve run deploy/generation.yaml` must pass Serve's own schema and build_generation_app's checks."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    import_folder(smollm2_path, DEFAULT_CHAT_MODEL)  # the default model, as .ci/setup imports it
     config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "generation.yaml").read_text())
     ServeDeploySchema(**config)
     assert config["http_options"]["host"] == "127.0.0.1"
@@ -530,7 +535,10 @@ def test_the_openai_client_reaches_the_root_and_streams(server, local):
     import openai
 
     client = openai.OpenAI(base_url=server["root"] + "/v1", api_key="unused", max_retries=0)
-    assert [(m.id, m.task) for m in client.models.list().data] == [("tiny", "text-generation")]
+    assert sorted((m.id, m.task) for m in client.models.list().data) == [
+        ("smollm2", "text-generation"),
+        ("tiny", "text-generation"),
+    ]
     answer = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
     ((text, _, _),) = _reference(local["qwen"], PROMPTS[:1], {"max_new_tokens": 8, "do_sample": False})
     assert answer.choices[0].text == text and answer.model == "tiny"
@@ -543,3 +551,20 @@ def test_the_openai_client_reaches_the_root_and_streams(server, local):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4o", prompt="hi")
     assert e.value.code == "model_not_found" and "tiny" in e.value.message
+
+
+def test_the_openai_client_chats_with_the_real_smollm2(server, smollm2_path):
+    """The real SmolLM2 GGUF served through the root: the `openai` client's chat completion, plain and streamed, is
+    the in-process pipeline's greedy answer (the oracle's "The capital of France is Paris.")."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["root"] + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    local = pipeline("text-generation", model=smollm2_path)
+    expected = local(messages, max_new_tokens=40, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert expected == "The capital of France is Paris."
+    request = {"model": "smollm2", "messages": messages, "max_tokens": 40, "temperature": 0}
+    answer = client.chat.completions.create(**request)
+    assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(**request, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected

@@ -17,6 +17,7 @@ import torch
 from cluster import local
 from jobs import files
 from pipelines import pipeline
+from pipelines.hub import DEFAULT_CHAT_MODEL, import_folder
 from tests.checkpoints import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,3 +271,19 @@ def test_arguments_are_checked_up_front(cluster, tmp_path, args, message):
     )
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_text_generation_job_runs_the_default_chat_model_by_id(cluster, smollm2_path, tmp_path):
+    """`jobs.infer --task text-generation` with no --model resolves the bundled SmolLM2 GGUF by its Hub id from the
+    offline cache (imported as .ci/setup does) in the Ray workers, and answers as the in-process pipeline does."""
+    import_folder(smollm2_path, DEFAULT_CHAT_MODEL)
+    rows = [
+        {"id": i, "text": text} for i, text in enumerate(["The capital of France is", "Once upon a time", "1, 2, 3,"])
+    ]
+    inputs = _write_jsonl(tmp_path / "in", rows)
+    params = {"max_new_tokens": 8, "do_sample": False}
+    args = ["--task", "text-generation", "--input", inputs / "part0.jsonl", "--output", tmp_path / "out"]
+    result = _submit(cluster, *args, "--params", json.dumps(params))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = pipeline("text-generation")([r["text"] for r in rows], **params)
+    assert {r["id"]: r["generated"] for r in _read(tmp_path / "out")} == dict(enumerate(expected))
