@@ -2,7 +2,7 @@
 
     python -m jobs.embed [--input jobs/data/sample_corpus.jsonl] [--output out/embeddings] [--model ID_OR_FOLDER]
                          [--column text] [--output-column embedding] [--params '{"normalize": true}']
-                         [--batch-size N] [--max-batch-tokens N] [--dtype float32] [--quantization int8]
+                         [--batch-size N] [--max-batch-tokens N] [--dtype float32] [--quantization int8|int4]
                          [--device auto] [--threads N]
 
 The arguments are jobs.infer's where they apply, and so is the output: the input (a parquet, jsonl, csv or text
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, help="padded tokens per micro-batch")
     p.add_argument("--dtype", help="float32, float16 or bfloat16")
     p.add_argument("--device-map", help="a device_map for the model, e.g. auto")
-    p.add_argument("--quantization", choices=["int8"], help="weight-only quantization of the model's linear layers")
+    p.add_argument(
+        "--quantization", choices=["int8", "int4"], help="weight-only quantization of the model's linear layers"
+    )
     p.add_argument("--device", help="in this process only: cpu, cuda, cuda:N, mps (default: the accelerator if any)")
     p.add_argument(
         "--threads",

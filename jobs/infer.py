@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows-per-batch", type=int, help="rows per model call (default: the task's, 4096; generation 256)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16")
     p.add_argument("--device-map", help="a device_map for the model actors, e.g. auto")
-    p.add_argument("--quantization", choices=["int8"], help="weight-only quantization of the model's linear layers")
+    p.add_argument(
+        "--quantization", choices=["int8", "int4"], help="weight-only quantization of the model's linear layers"
+    )
     p.add_argument("--threads", type=int, help="torch threads per model actor (default: its CPUs)")
     p.add_argument("--kv-cache-tokens", type=int, help="text generation: the engine's KV cache budget in tokens")
     return p.parse_args(argv)

@@ -7,7 +7,7 @@ build        the class's config dataclass from config.json, the module built on 
 stream       safetensors files (single or sharded) read tensor by tensor, renamed by the class's `WeightsMapper`
              (the family file's tables), cast to `dtype`, checked strictly (missing, unexpected, wrong shape)
 place        `device`, or `device_map` through accelerate (auto / balanced / dict, max_memory, disk offload),
-             and optional int8 weight-only quantization of the linear layers
+             and optional int8 or int4 weight-only quantization of the linear layers
 No remote code is ever run. Pickled `.bin` weights are refused unless `allow_pickle=True`, and then read
 with `torch.load(weights_only=True)`.
 """
@@ -25,6 +25,7 @@ from torch import nn
 
 from pipelines.gguf import SUFFIX, GGUFCheckpoint
 from pipelines.layers import Int8Linear
+from pipelines.quantization import quantize_int4
 from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,8 @@ def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, confi
     model.eval()
     if runtime.quantization == "int8":
         quantize_int8(model)
+    elif runtime.quantization == "int4":
+        quantize_int4(model)
     if runtime.device_map is not None:
         return dispatch(model, runtime)
     return model.to(runtime.device)

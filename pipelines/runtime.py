@@ -29,7 +29,7 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -83,8 +83,9 @@ class RuntimeConfig:
     device: None (cpu), "auto" (cuda when present, else cpu), "cpu", "cuda", "cuda:N", "mps", an int (-1 = cpu,
     N = cuda:N) or a torch.device; device_map instead of device: "auto", "balanced", "balanced_low_0", "sequential"
     or a dict of module -> device, through accelerate (max_memory, offload_folder for "disk"). dtype: float32
-    (None), float16, bfloat16 (and short forms), a torch dtype, or "auto" (config.json's). quantization: None or
-    "int8" (per-channel weight-only linear layers). allow_pickle: read `pytorch_model.bin` with
+    (None), float16, bfloat16 (and short forms), a torch dtype, or "auto" (config.json's). quantization: None,
+    "int8" (per-channel weight-only linear layers) or "int4" (group-wise weight-only on GGUF Q4_1's 32-wide
+    asymmetric grid, torch's packed int4 CPU matmul; `pipelines.quantization`). allow_pickle: read `pytorch_model.bin` with
     `torch.load(weights_only=True)` (refused otherwise). threads: torch threads of the process that loads the
     model. batch_size / max_batch_tokens: the micro-batch limits (for text generation: sequences running at once
     and prompt tokens prefilled per step); kv_cache_tokens: the generation engine's KV budget.

@@ -91,3 +91,15 @@ def test_default_text_generation_model_answers_offline(smollm2_path):
     chat = pipeline("text-generation")
     answer = chat(CHATS[0], max_new_tokens=40, do_sample=False)
     assert answer[0]["generated_text"][-1] == {"role": "assistant", "content": "The capital of France is Paris."}
+
+
+def test_int4_keeps_the_files_grid_and_the_answer(smollm2_path):
+    """quantization="int4" on the Q4_1 file: every projection of the 30 blocks is int4 on the file's own grid (its
+    weights are the file's, exactly), the tied head stays the embedding table's, and the answer is the float32 one."""
+    from pipelines.quantization import Int4Linear
+
+    gen = pipeline("text-generation", model=smollm2_path, quantization="int4")
+    int4 = [m for m in gen.model.modules() if isinstance(m, Int4Linear)]
+    assert len(int4) == 30 * 7 and not isinstance(gen.model.lm_head, Int4Linear)
+    answer = gen(CHATS[0], max_new_tokens=40, do_sample=False)
+    assert answer[0]["generated_text"][-1] == {"role": "assistant", "content": "The capital of France is Paris."}
