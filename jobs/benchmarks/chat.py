@@ -30,8 +30,8 @@ not required.
 
 Configurations, each in its own subprocess with `--threads` threads, after a warm-up, timed once:
 - ours-fp32, ours-bf16, ours-int8, ours-int4: `pipeline("text-generation", model=<file>, dtype=..., quantization=...)`
-  (int8 and int4: weight-only; int8 float32 activations, int4 bfloat16 ones inside its kernel) with the engine's defaults (the table shows them). All prompts
-  are submitted at once, one thread per prompt, as concurrent callers would: each preprocesses its chat as the
+  (int8 and int4: weight-only; int8 with float32 activations, int4 with bfloat16 ones inside its kernel) with the
+  engine's defaults (the table shows them). All prompts are submitted at once, one thread per prompt, as concurrent callers would: each preprocesses its chat as the
   pipeline does (template, tokenizer, parameters) and submits it to the pipeline's engine loop; the calls share the
   continuous batch. A configuration that fails to load (say, a quantization this checkout lacks) is a row with its
   error.
