@@ -31,10 +31,10 @@ not required.
 Configurations, each in its own subprocess with `--threads` threads, after a warm-up, timed once:
 - ours-fp32, ours-bf16, ours-int8, ours-int4: `pipeline("text-generation", model=<file>, dtype=..., quantization=...)`
   (int8 and int4: weight-only; int8 with float32 activations, int4 with bfloat16 ones inside its kernel) with the
-  engine's defaults (the table shows them). All prompts are submitted at once, one thread per prompt, as concurrent callers would: each preprocesses its chat as the
-  pipeline does (template, tokenizer, parameters) and submits it to the pipeline's engine loop; the calls share the
-  continuous batch. A configuration that fails to load (say, a quantization this checkout lacks) is a row with its
-  error.
+  engine's defaults (the table shows them). All prompts are submitted at once, one thread per prompt, as
+  concurrent callers would: each preprocesses its chat as the pipeline does (template, tokenizer, parameters) and
+  submits it to the pipeline's engine loop; the calls share the continuous batch. A configuration that fails to
+  load (say, a quantization this checkout lacks) is a row with its error.
 - hf-b{B}: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)` (float32) and `generate`, at batch size B:
   prompts grouped by max_new_tokens, length-sorted within a group, cut into chunks of B, each chunk one left-padded
   `generate(max_new_tokens=m, min_new_tokens=m, do_sample=False)` (transformers' best case, arranged by hand: no
