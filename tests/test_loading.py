@@ -226,5 +226,5 @@ def test_runtime_option_errors():
         RuntimeConfig.create(device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="unknown device_map 'everywhere'"):
         RuntimeConfig.create(device_map="everywhere")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        RuntimeConfig.create(quantization="int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        RuntimeConfig.create(quantization="int3")
