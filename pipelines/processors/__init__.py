@@ -20,7 +20,10 @@ from pathlib import Path
 from pipelines.processors.layout import Layout, Mask, Padded, Stacked
 
 # processor kind -> class (each with `from_pretrained(folder)`), or "module:Class" imported on first use
-PROCESSORS: dict[str, type | str] = {"text": "pipelines.tokenization:Tokenizer"}
+PROCESSORS: dict[str, type | str] = {
+    "text": "pipelines.tokenization:Tokenizer",
+    "image": "pipelines.processors.image:ImageProcessor",  # preprocessor_config.json
+}
 
 __all__ = ["PROCESSORS", "Layout", "Mask", "Padded", "Stacked", "load_processor", "register_processor"]
 
