@@ -84,6 +84,10 @@ class Tokenizer:
             parts = GGUFCheckpoint.open(folder).tokenizer
             return cls(parts.backend, special_tokens=parts.special_tokens, model_max_length=parts.model_max_length)
         path = folder / "tokenizer.json"
+        if not path.is_file() and (folder / "spiece.model").is_file():  # SigLIP ships only its SentencePiece model
+            from pipelines.sentencepiece_tokenizer import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_pretrained(folder)
         if not path.is_file():
             raise FileNotFoundError(
                 f"no tokenizer.json in {folder}; only fast-tokenizer folders are supported "
