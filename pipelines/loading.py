@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from pipelines.gguf import SUFFIX, GGUFCheckpoint
-from pipelines.layers import Int8Linear
-from pipelines.quantization import quantize_int4
+from pipelines.quantization import cast_tied_heads, quantize_int4, quantize_int8
 from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -253,6 +252,7 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
     for target, source in getattr(cls, "tied_weights", {}).items() if tied else ():
         if target not in loaded and source in loaded:
             loaded[target] = loaded[source]
+    expected = _drop_absent_parts(model, expected, loaded)
     missing = [k for k in expected if k not in loaded]
     if missing:
         raise CheckpointError(
@@ -264,6 +264,20 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype) -> Non
             "%s: ignored %d checkpoint keys not used by this class: %s", cls.__name__, len(dropped), _sample(dropped)
         )
     model.load_state_dict(loaded, strict=True, assign=True)
+
+
+def _drop_absent_parts(model: nn.Module, expected: dict, loaded: dict) -> dict:
+    """The class's `optional_parts` (submodules some checkpoints lack, e.g. a ViTModel's pooler in a classifier
+    checkpoint) of which the checkpoint has no weight at all are set to None on `model`; the expected keys without
+    them. A part with only some of its weights present is left in place, to be reported as missing."""
+    for part in getattr(type(model), "optional_parts", ()):
+        keys = [k for k in expected if _under(k, (part,))]
+        if keys and not any(k in loaded for k in keys):
+            parent, _, name = part.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, None)
+            logger.info("%s: the checkpoint has no %s weights; built without it", type(model).__name__, part)
+            expected = {k: v for k, v in expected.items() if not _under(k, (part,))}
+    return expected
 
 
 def _sample(keys, n: int = 12) -> str:
@@ -286,6 +300,9 @@ def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, confi
     model = build_model(cls, config)
     load_weights(model, weight_files(folder, runtime.allow_pickle), runtime.dtype)
     model.eval()
+    on_cpu = runtime.device is not None and runtime.device.type == "cpu"
+    if runtime.quantization and on_cpu and runtime.dtype == torch.float32:
+        cast_tied_heads(model, torch.bfloat16)  # the CPU int8 / int4 kernels compute in bfloat16: the head joins them
     if runtime.quantization == "int8":
         quantize_int8(model)
     elif runtime.quantization == "int4":
@@ -293,26 +310,6 @@ def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, confi
     if runtime.device_map is not None:
         return dispatch(model, runtime)
     return model.to(runtime.device)
-
-
-def quantize_int8(model: nn.Module) -> int:
-    """Per-channel int8 weight-only copies of every nn.Linear whose weight is not shared (tied) with
-    another parameter. Returns the number of layers replaced."""
-    shared = _shared_weights(model)
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and id(child.weight) not in shared:
-                setattr(module, name, Int8Linear.from_linear(child))
-                count += 1
-    return count
-
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
 
 
 def dispatch(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:
