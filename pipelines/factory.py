@@ -65,7 +65,7 @@ def pipeline(
     hf_config = read_config(folder)
     task = task or registry.infer_task(hf_config, (folder / "modules.json").is_file())
     spec = registry.TASKS[task]
-    cls = pipeline_class or spec.resolve_class()
+    cls = pipeline_class or spec.resolve_class(hf_config.get("model_type"))
     runtime = runtime.resolve(hf_config)
     processor = (
         _processor(tokenizer, revision, cls) if tokenizer is not None else load_processor(cls.processor_kind, folder)
@@ -88,7 +88,7 @@ def _from_module(task, model, tokenizer, pipeline_class, config, runtime: Runtim
         raise ValueError("a model given as a module object needs tokenizer= (a Tokenizer, a folder or a Hub id)")
     runtime = runtime.resolve(config)
     model = model.to(device=runtime.device, dtype=runtime.dtype).eval()
-    cls = pipeline_class or registry.TASKS[task].resolve_class()
+    cls = pipeline_class or registry.TASKS[task].resolve_class((config or {}).get("model_type"))
     processor = _processor(tokenizer, None, cls)
     limit = getattr(getattr(model, "config", None), "max_input_length", None)
     return cls(

@@ -10,7 +10,7 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 
-from pipelines.models import bert, dinov2, distilbert, gpt2, llama, vit
+from pipelines.models import bert, clip, dinov2, distilbert, gpt2, llama, siglip, vit
 from pipelines.tasks.feature_extraction import FeatureExtractionPipeline
 from pipelines.tasks.sentence_embeddings import SentenceEmbeddingsPipeline
 from pipelines.tasks.text_classification import TextClassificationPipeline
@@ -23,6 +23,7 @@ HEADS = (
     "masked-lm",
     "causal-lm",
     "image-classification",
+    "image-text",  # a dual encoder: text and image towers projected into one space (CLIP, SigLIP)
 )
 
 
@@ -50,6 +51,8 @@ MODEL_CLASSES: dict[str, dict[str, type]] = {
     "vit": {"base": vit.ViTModel, "image-classification": vit.ViTForImageClassification},
     "deit": {"base": vit.DeiTModel, "image-classification": vit.DeiTForImageClassification},
     "dinov2": {"base": dinov2.Dinov2Model, "image-classification": dinov2.Dinov2ForImageClassification},
+    "clip": {"image-text": clip.CLIPModel},
+    "siglip": {"image-text": siglip.SiglipModel},
 }
 
 # config.json `architectures[0]` -> (model_type, head)
@@ -79,6 +82,7 @@ HEAD_TASKS = {
     "masked-lm": "fill-mask",
     "causal-lm": "text-generation",
     "image-classification": "image-classification",
+    "image-text": "zero-shot-image-classification",
 }
 
 
@@ -88,8 +92,18 @@ class TaskSpec:
     model_classes: str | dict[str, type] | None  # a head name, {model_type: class}, or None (tokenizer only)
     default: str | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # model_type -> (pipeline class or "module:Class", head): the task served another way for that family
+    # (CLIP's texts through sentence-embeddings: its projected text features, not pooled hidden states)
+    variants: dict[str, tuple[type | str, str]] = field(default_factory=dict)
 
-    def resolve_class(self) -> type:
+    def resolve_class(self, model_type: str | None = None) -> type:
+        """The pipeline class of the task, or of its variant for `model_type`."""
+        if model_type in self.variants:
+            cls, head = self.variants[model_type]
+            if isinstance(cls, str):
+                module, name = cls.split(":")
+                self.variants[model_type] = cls, head = getattr(importlib.import_module(module), name), head
+            return cls
         if isinstance(self.pipeline_class, str):
             module, name = self.pipeline_class.split(":")
             self.pipeline_class = getattr(importlib.import_module(module), name)
@@ -105,7 +119,14 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "feature-extraction": TaskSpec(FeatureExtractionPipeline, "base", "distilbert/distilbert-base-cased"),
     "sentence-embeddings": TaskSpec(
-        SentenceEmbeddingsPipeline, "base", "sentence-transformers/all-MiniLM-L6-v2", ("embeddings",)
+        SentenceEmbeddingsPipeline,
+        "base",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        ("embeddings",),
+        variants={
+            "clip": ("pipelines.tasks.image_embeddings:TextEmbeddingsPipeline", "image-text"),
+            "siglip": ("pipelines.tasks.image_embeddings:TextEmbeddingsPipeline", "image-text"),
+        },
     ),
     "token-classification": TaskSpec(
         "pipelines.tasks.token_classification:TokenClassificationPipeline",
@@ -137,6 +158,14 @@ TASKS: dict[str, TaskSpec] = {
     "image-feature-extraction": TaskSpec(
         "pipelines.tasks.image_feature_extraction:ImageFeatureExtractionPipeline", "base", "google/vit-base-patch16-224"
     ),
+    "zero-shot-image-classification": TaskSpec(
+        "pipelines.tasks.zero_shot_image_classification:ZeroShotImageClassificationPipeline",
+        "image-text",
+        "openai/clip-vit-base-patch32",
+    ),
+    "image-embeddings": TaskSpec(
+        "pipelines.tasks.image_embeddings:ImageEmbeddingsPipeline", "image-text", "openai/clip-vit-base-patch32"
+    ),
 }
 
 
@@ -163,8 +192,9 @@ def model_class(task: str, config: dict) -> type:
     """The class that serves `task` for the checkpoint described by config.json."""
     spec = TASKS[task]
     model_type = config.get("model_type")
-    if isinstance(spec.model_classes, dict):
-        table = spec.model_classes
+    head = spec.variants[model_type][1] if model_type in spec.variants else spec.model_classes
+    if isinstance(head, dict):
+        table = head
     else:
         if model_type not in MODEL_CLASSES:
             raise ValueError(
@@ -172,12 +202,11 @@ def model_class(task: str, config: dict) -> type:
                 f"supported: {sorted(MODEL_CLASSES)} with architectures {sorted(ARCHITECTURES)}"
             )
         heads = MODEL_CLASSES[model_type]
-        if spec.model_classes not in heads:
+        if head not in heads:
             raise ValueError(
-                f"task {task!r} needs a {spec.model_classes!r} model; model_type {model_type!r} "
-                f"has only {sorted(heads)}"
+                f"task {task!r} needs a {head!r} model; model_type {model_type!r} has only {sorted(heads)}"
             )
-        table = {model_type: heads[spec.model_classes]}
+        table = {model_type: heads[head]}
     if model_type not in table:
         raise ValueError(f"task {task!r} supports model types {sorted(table)}, not {model_type!r}")
     cls = table[model_type]

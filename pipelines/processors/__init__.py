@@ -23,6 +23,7 @@ from pipelines.processors.layout import Layout, Mask, Padded, Stacked
 PROCESSORS: dict[str, type | str] = {
     "text": "pipelines.tokenization:Tokenizer",
     "image": "pipelines.processors.image:ImageProcessor",  # preprocessor_config.json
+    "image-text": "pipelines.processors.image_text:ImageTextProcessor",  # both, for CLIP / SigLIP
 }
 
 __all__ = ["PROCESSORS", "Layout", "Mask", "Padded", "Stacked", "load_processor", "register_processor"]
