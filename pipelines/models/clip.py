@@ -55,7 +55,7 @@ class CLIPTowerConfig:
     @classmethod
     def from_hf(cls, d: dict):
         """The dataclass fields present in `d`; ValueError for an activation or head count that does not work."""
-        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         activation(config.hidden_act)  # raises for an unknown activation
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(

@@ -42,7 +42,7 @@ class SiglipTowerConfig:
     @classmethod
     def from_hf(cls, d: dict):
         """The dataclass fields present in `d`; ValueError for an activation or head count that does not work."""
-        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None})
+        config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         layers.activation(config.hidden_act)  # raises for an unknown activation
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(
