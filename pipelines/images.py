@@ -121,7 +121,7 @@ def _decode(source: bytes | Path, name: str, limit: int) -> Image.Image:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             pixels = im.width * im.height
             if pixels > limit:
-                raise ImageInputError(_too_large(name, f"{im.width} x {im.height} = {pixels:,} pixels", limit))
+                raise ImageInputError(_too_large(name, f"{im.width} x {im.height} = {pixels:,} pixels", limit))  # W x H
             im.load()
             return to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:  # over twice Image.MAX_IMAGE_PIXELS: Pillow refuses at open
@@ -152,7 +152,9 @@ def _from_array(array: np.ndarray, kind: str, limit: int) -> Image.Image:
         layout = "(C, H, W) or (H, W)" if kind == "torch tensor" else "(H, W, C) or (H, W)"
         raise ImageInputError(f"{kind} of shape {shape}: an image array is {layout} with C in 1, 3 or 4")
     if array.shape[0] * array.shape[1] > limit:
-        raise ImageInputError(_too_large(f"{kind} of shape {shape}", f"{array.shape[0] * array.shape[1]:,}", limit))
+        raise ImageInputError(
+            _too_large(f"{kind} of shape {shape}", f"{array.shape[0] * array.shape[1]:,} pixels", limit)
+        )
     if np.issubdtype(array.dtype, np.floating):
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if not (0.0 <= low and high <= 1.0):  # also refuses NaN
