@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from pipelines.gguf import SUFFIX, GGUFCheckpoint
-from pipelines.layers import Int8Linear
-from pipelines.quantization import quantize_int4
+from pipelines.quantization import quantize_int4, quantize_int8
 from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -308,26 +307,6 @@ def load_model(folder: Path, cls: type[nn.Module], runtime: RuntimeConfig, confi
     if runtime.device_map is not None:
         return dispatch(model, runtime)
     return model.to(runtime.device)
-
-
-def quantize_int8(model: nn.Module) -> int:
-    """Per-channel int8 weight-only copies of every nn.Linear whose weight is not shared (tied) with
-    another parameter. Returns the number of layers replaced."""
-    shared = _shared_weights(model)
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and id(child.weight) not in shared:
-                setattr(module, name, Int8Linear.from_linear(child))
-                count += 1
-    return count
-
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
 
 
 def dispatch(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:

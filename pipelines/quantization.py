@@ -1,4 +1,4 @@
-"""Int4 weight-only linear layers on GGUF Q4_1's grid, for CPU decoding.
+"""Weight-only quantization: int4 linear layers on GGUF Q4_1's grid for CPU decoding, int8 ones, tied heads.
 
 Grid: per `group_size` (32) weights of a row, d = (max - min) / 15, m = min, q = floor((w - m) / d + 0.5) clamped to
 0..15 (d = 0: q = 0), w' = d * q + m, as llama.cpp's Q4_1. A Q4_1 block's min and max are its q = 0 and q = 15
@@ -18,12 +18,16 @@ this CPU (AVX512 or not): re-quantize on the machine rather than carry an Int4Li
 then the last group is shorter; torch without the kernel; `kernel=False`): nibble-packed q, dequantized to the
 input's dtype and multiplied with F.linear at every call, correct on any device but slower.
 
-Tied LM head: a head that shares its weight with the embedding table stays as it is (the table's dtype) unless
-`quantize_int4(model, tied_head=True)`, which gives it an int4 copy of its own (the table stays dense, lookups stay
-exact). Off by default: a GGUF file keeps that table at a finer type (SmolLM2's is Q8_0), and an int4 head on Q4_1's
-grid made SmolLM2-135M-Instruct answer "What is the capital of France?" with "L'Étoile (The City of Lights) is the
+Tied LM head (one weight for the embedding table and the head). `quantize_int4` leaves it shared and as it is
+unless `tied_head=True`, which gives the head an int4 copy of its own (the table stays dense, lookups stay exact).
+Not the default: a GGUF file keeps that table at a finer type (SmolLM2's is Q8_0), and an int4 head on Q4_1's grid
+made SmolLM2-135M-Instruct answer "What is the capital of France?" with "L'Étoile (The City of Lights) is the
 capital of France." instead of "The capital of France is Paris." (every other linear layer int4, the head left
-float32, it answers as the float32 model). dtype=bfloat16 with int4 (the residual stream, norms, attention and the
+float32, it answers as the float32 model). Nor does quantization="int4" give a float32 model's tied weight a
+bfloat16 copy, although its matmul is the largest of a small model: a bfloat16 head (the table float32), or a
+bfloat16 table (the head float32), each made SmolLM2 answer that question "L'Étoile, la Marseillaise, ..." as
+dtype=bfloat16 does (a near-tie at the first token; the mean teacher-forced KL against float32 over 12 chats only
+went from 0.00035 to 0.00064). dtype=bfloat16 with int4 (the residual stream, norms, attention and the
 shared head in bfloat16 too) answered "L'Étoile, la Marseillaise, ...": keep int4 models float32 (the matmuls
 are bfloat16 in the kernel either way); the chat benchmark's --quality mode measures both.
 """
@@ -33,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.layers import Int8Linear
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel takes; 32 is Q4_1's block
 _ROWS = 16  # the kernel's rows (out_features) come in multiples of this
@@ -155,21 +161,46 @@ def quantize_int4(model: nn.Module, group_size: int = 32, tied_head: bool = Fals
     """Int4 copies (`Int4Linear.from_linear`) of every nn.Linear whose weight is not shared with another module's,
     and, with `tied_head`, of each whose weight is shared with embedding tables only (a tied LM head): the head gets
     its own int4 copy, the tables stay dense. Returns the number of layers replaced."""
-    holders: dict[tuple, list[nn.Module]] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            holders.setdefault(_storage(p), []).append(module)
     count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            others = [m for m in holders[_storage(child.weight)] if m is not child]
-            if others and not (tied_head and all(isinstance(m, nn.Embedding) for m in others)):
-                continue
-            setattr(module, name, Int4Linear.from_linear(child, group_size))
+    for parent, name, child, others in _linears(model):
+        if not others or (tied_head and all(isinstance(m, nn.Embedding) for m in others)):
+            setattr(parent, name, Int4Linear.from_linear(child, group_size))
             count += 1
     return count
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Per-channel int8 weight-only copies (`layers.Int8Linear`) of every nn.Linear whose weight is not shared
+    (tied) with another module's. Returns the number of layers replaced."""
+    count = 0
+    for parent, name, child, others in _linears(model):
+        if not others:
+            setattr(parent, name, Int8Linear.from_linear(child))
+            count += 1
+    return count
+
+
+def _holders(model: nn.Module) -> dict[tuple, list[tuple[nn.Module, str, nn.Module]]]:
+    """Weight storage -> the (parent, attribute name, module) triples of every module holding a parameter there."""
+    holders: dict[tuple, list[tuple[nn.Module, str, nn.Module]]] = {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            for p in child.parameters(recurse=False):
+                holders.setdefault(_storage(p), []).append((parent, name, child))
+    return holders
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, list[nn.Module]]]:
+    """(parent, name, linear, the other modules sharing its weight) for every nn.Linear of `model`."""
+    holders = _holders(model)
+    return [
+        (parent, name, child, [m for _, _, m in holders[_storage(child.weight)] if m is not child])
+        for parent, name, child in [(p, n, c) for p, n, c in _children(model) if isinstance(c, nn.Linear)]
+    ]
+
+
+def _children(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
 
 
 def _storage(p: torch.Tensor) -> tuple:

@@ -85,7 +85,8 @@ class RuntimeConfig:
     or a dict of module -> device, through accelerate (max_memory, offload_folder for "disk"). dtype: float32
     (None), float16, bfloat16 (and short forms), a torch dtype, or "auto" (config.json's). quantization: None,
     "int8" (per-channel weight-only linear layers) or "int4" (group-wise weight-only on GGUF Q4_1's 32-wide
-    asymmetric grid, torch's packed int4 CPU matmul; `pipelines.quantization`). allow_pickle: read `pytorch_model.bin` with
+    asymmetric grid, torch's packed int4 CPU matmul; `pipelines.quantization`); on the CPU both compute their
+    matmuls in bfloat16, and a tied LM head stays the embedding table's weight. allow_pickle: read `pytorch_model.bin` with
     `torch.load(weights_only=True)` (refused otherwise). threads: torch threads of the process that loads the
     model. batch_size / max_batch_tokens: the micro-batch limits (for text generation: sequences running at once
     and prompt tokens prefilled per step); kv_cache_tokens: the generation engine's KV budget.

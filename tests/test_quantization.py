@@ -1,4 +1,4 @@
-"""quantization="int4": group-wise weight-only linear layers on GGUF Q4_1's grid (pipelines/quantization.py)."""
+"""Weight-only quantization (pipelines/quantization.py): int4 on GGUF Q4_1's grid, int8 on the CPU kernel, ties."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from torch import nn
 
 from pipelines import pipeline
 from pipelines.generation.engine import Engine
+from pipelines.layers import Int8Linear
 from pipelines.loading import load_model
 from pipelines.models.llama import LlamaForCausalLM
-from pipelines.quantization import Int4Linear, kernel_available, q4_1_grid, quantize_int4
+from pipelines.quantization import (
+    Int4Linear,
+    kernel_available,
+    q4_1_grid,
+    quantize_int4,
+)
 from pipelines.runtime import RuntimeConfig
 from tests.checkpoints import make_decoder_checkpoint
 from tests.test_gguf import _llama_like
@@ -89,6 +95,35 @@ def test_tied_head_stays_shared_unless_asked(tmp_path):
     assert quantize_int4(model, tied_head=True) == 7 * layers + 1
     assert isinstance(model.lm_head, Int4Linear)
     assert torch.equal(model.model.embed_tokens.weight, table)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_tied_head_stays_the_tables_weight(tmp_path, quantization, dtype):
+    """pipeline(quantization=int8/int4): the tied head is still the embedding table's one weight, in float32 and in
+    bfloat16 (the loader assigns one tensor to two Parameters: ties are found by storage, not by Parameter)."""
+    folder = make_decoder_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    gen = pipeline("text-generation", model=str(folder), quantization=quantization, dtype=dtype)
+    head, table = gen.model.lm_head, gen.model.model.embed_tokens
+    assert type(head) is nn.Linear and head.weight.data_ptr() == table.weight.data_ptr()
+    assert sum(isinstance(m, (Int8Linear, Int4Linear)) for m in gen.model.modules()) == 7 * 2
+
+
+def test_int8_linear_on_the_cpu_kernel():
+    """Int8Linear on the CPU: torch's int8 weight kernel, bfloat16 inside, equals the dequantized product within
+    bfloat16 rounding, for any leading shape, with a bias, and returns the input's dtype."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(x, layer.weight.float() * layer.scales[:, None], linear.bias)
+    y = layer(x)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=0, atol=0.01 * expected.abs().max().item())
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    ragged = Int8Linear.from_linear(nn.Linear(37, 5))  # the kernel needs in_features % 16 == 0: dequantized
+    x = torch.randn(4, 37)
+    torch.testing.assert_close(ragged(x), F.linear(x, ragged.weight.float() * ragged.scales[:, None], ragged.bias))
 
 
 def test_int4_pipeline_on_a_q4_1_gguf_file(tmp_path):
