@@ -94,8 +94,9 @@ class Int8Linear(nn.Module):
     On the CPU it multiplies through torch's int8 weight kernel (`aten._weight_int8pack_mm`), which reads the int8
     weight as it is and computes in bfloat16 (the activations and the scales cast to it, the product cast back):
     its float32 path is scalar code on torch 2.13's CPU build (measured on the 2-core AVX512 machine, 576 -> 1536:
-    43 ms at 32 rows against 2.3 ms in bfloat16), and dequantizing the weight at every call, the path elsewhere,
-    cost more than the float32 layer it replaces. So on the CPU an int8 layer's matmul has bfloat16 precision, as
+    23 ms at 32 rows against 0.47 ms in bfloat16, 0.032 ms against 0.075 for the dense float32 layer at one row),
+    and dequantizing the weight at every call, the path elsewhere, cost more than the float32 layer it replaces
+    (0.68 ms against 0.49 at 32 rows). So on the CPU an int8 layer's matmul has bfloat16 precision, as
     `quantization.Int4Linear`'s does. The kernel needs in_features a multiple of 16 (others gave wrong sums or
     crashed on torch 2.13); other layers dequantize.
     """
