@@ -11,6 +11,13 @@ Routes under the application's prefix: `POST /` and `/predict` (Hugging Face Inf
 `application/octet-stream`, `image/*` or `audio/*` body is one input, with the task's parameters in the query
 string), `POST /v1/embeddings` (OpenAI) and `POST /embed` (TEI) for embedding models, and what every application
 answers (deploy/http_api.py): `GET /health`, `/info`, `/metrics`, `/v1/models`, `/docs`. Errors: deploy/ingress.py.
+
+Images (image-classification, zero-shot-image-classification, image-feature-extraction, image-embeddings): a raw
+`image/*` body, or in JSON each input as base64 or a `data:image/<type>;base64,` URI, as the Hugging Face Inference
+API takes them. `/v1/embeddings` with an image-embeddings model (CLIP, SigLIP) takes its `input` strings the same
+way (OpenAI's API has no image input; base64 data URIs are what the multimodal embedding APIs clients already use
+accept, and a string stays a string in every OpenAI client). The server never reads a path or fetches a URL for a
+client (its own files; SSRF): those are 422s naming the input.
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ from deploy.ingress import Body, Incoming, Ingress, Limits, PredictRequest, Serv
 from deploy.metrics import BatchMetrics
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 from pipelines.factory import pipeline
+from pipelines.images import image_bytes
 from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_TASKS = ("sentence-embeddings",)
+EMBEDDING_TASKS = ("sentence-embeddings", "image-embeddings")  # /v1/embeddings input: texts, or base64 images
+IMAGE_PROCESSORS = ("image", "image-text")  # processor kinds whose inputs are images: bytes on the wire
 REPLICA_RETRIES = 3  # a request whose model replica died is sent again, this many times at most
 
 
@@ -166,7 +175,26 @@ class EncoderIngress(Ingress):
             raise validation_error(
                 f"inputs: {len(items)} items, more than the maximum batch of {self.limits.max_client_batch_size}"
             )
+        if self.pipe.processor_kind in IMAGE_PROCESSORS:
+            items = [self._image(item, i, single) for i, item in enumerate(items)]
         return items, single
+
+    @staticmethod
+    def _image(item, i: int, single: bool) -> bytes:
+        """An image input as the bytes it encodes: a raw body's bytes, or base64 / a data URI in JSON; never a path
+        or a URL (the server would read its own files or fetch for the client)."""
+        where = "inputs" if single else f"inputs[{i}]"
+        if isinstance(item, bytes):
+            return item
+        if not isinstance(item, str):
+            raise validation_error(
+                f"{where}: expected an image as a base64 string or a data:image/...;base64 URI, got "
+                f"{type(item).__name__}"
+            )
+        try:
+            return image_bytes(item)
+        except ValueError as e:
+            raise validation_error(f"{where}: {e}") from None
 
     async def _run(self, items: list, parameters: dict, model_id: str = "") -> tuple[list, int]:
         """Preprocess here, forward on the model deployment (batched with other requests), postprocess.
@@ -213,7 +241,7 @@ class EncoderIngress(Ingress):
         request = parse(EmbedRequest, incoming.body)
         items, _ = self._items(request.inputs)
         pipe = self.processors(incoming.model_id)
-        if not request.truncate:
+        if not request.truncate and pipe.processor_kind == "text":
             for i, text in enumerate(items):
                 n = len(pipe.tokenizer.encode(text, truncation=False))
                 if n > pipe.max_length:

@@ -27,7 +27,10 @@ INPUT_FORMATS = {
     "jsonl": (".jsonl", ".json", ".ndjson"),
     "csv": (".csv",),
     "text": (".txt", ".text"),
+    "images": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
 }
+# The images format reads each file whole ("bytes", with its "path"); decoding is the preprocess stage's.
+IMAGE_COLUMNS = ("bytes", "path")
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
 READ_CPUS = 0.25  # read tasks share 2-core machines with the model actor, as the CPU stages do
@@ -66,6 +69,11 @@ def read(paths: list[str], fmt: str):
     """A streaming Ray Dataset over the input files."""
     import ray.data
 
+    if fmt == "images":
+        # Not ray.data.read_images: it decodes in the read task, where a corrupt file fails the job and EXIF
+        # orientation is not applied. The bytes are decoded by the pipeline's own preprocess instead (the same
+        # load_image as in process), so a bad file is that row's error.
+        return ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS)
     readers = {
         "parquet": ray.data.read_parquet,
         "jsonl": ray.data.read_json,

@@ -3,11 +3,18 @@
     ray job submit --working-dir . -- python -m jobs.infer --task sentence-embeddings \\
         --model sentence-transformers/all-MiniLM-L6-v2 --input jobs/data/sample_corpus.jsonl --output out/embeddings
 
-Reads parquet / jsonl / csv / text through Ray Data (streaming), runs `run_pipeline`, writes part files
+Reads parquet / jsonl / csv / text / image files through Ray Data (streaming), runs `run_pipeline`, writes part files
 (parquet or jsonl) into --output and, with --errors DIR, the rows that failed (their columns and the
 reason) into DIR; without --errors the first bad row fails the job, naming the row. Prints progress and
 a summary, also written as `_summary.json` into the output folder. `--resume` continues a killed job:
 the rows already written (results or errors) are skipped, none is written twice (see jobs/files.py).
+
+Images (`--input-format images`, or files that all have image extensions): each file is read whole and decoded,
+resized and cropped by the preprocess tasks; only uint8 pixels travel to the model actors, and the output rows keep
+the file's `path` (the id column), not its bytes. A corrupt file is one error row with --errors.
+
+    python -m jobs.infer --task image-classification --model path/to/vit --input 'photos/**/*.jpg' \
+        --input-format images --output out/labels --errors out/bad
 """
 
 from __future__ import annotations
@@ -37,9 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-format", choices=sorted(files.INPUT_FORMATS), help="default: from the extensions")
     p.add_argument("--output-format", choices=files.OUTPUT_FORMATS, default="parquet")
     p.add_argument(
-        "--column", default="text", help="the input column, or key=column,... for dict inputs (question=q,context=c)"
+        "--column",
+        help="the input column, or key=column,... for dict inputs (question=q,context=c); default text, and for "
+        "--input-format images the files' bytes",
     )
-    p.add_argument("--id-column", help="names rows in errors and keys --resume (default: 'id' if the input has it)")
+    p.add_argument(
+        "--id-column",
+        help="names rows in errors and keys --resume (default: 'id' if the input has it; images: the file's path)",
+    )
     p.add_argument("--output-column", help="default: the task's (embedding, classification, entities, answer, ...)")
     p.add_argument("--params", default="{}", help="the task's parameters as a JSON object, e.g. '{\"top_k\": 3}'")
     p.add_argument("--errors", help="record failing rows in this folder and go on (default: fail on the first)")
@@ -137,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     paths = files.input_paths(args.input)
     fmt = files.input_format(paths, args.input_format)
-    column, params, concurrency = _column(args.column), _params(args.params), _concurrency(args.concurrency)
+    images = fmt == "images"
+    column = _column(args.column or ("bytes" if images else "text"))
+    params, concurrency = _params(args.params), _concurrency(args.concurrency)
     runtime = _runtime(args)
     output, errors = args.output, args.errors
     if args.task is not None:
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(logging_level="WARNING")
     ds = files.read(paths, fmt)
     names = list(ds.schema().names)
-    id_column = args.id_column or ("id" if "id" in names else None)
+    id_column = args.id_column or ("id" if "id" in names else "path" if images else None)
     if args.id_column and args.id_column not in names:
         raise SystemExit(f"--id-column {args.id_column!r} is not an input column; columns: {names}")
     wanted = [column] if isinstance(column, str) else list(column.values())
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             id_column=id_column,
             rows_per_batch=args.rows_per_batch,
             stats=True,
+            keep_input=not images,  # the output keeps the path, not the image bytes
             **params,
         )
     except (ValueError, TypeError, KeyError, OSError) as e:

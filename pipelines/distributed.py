@@ -79,6 +79,11 @@ RAY_TASKS: dict[str, RayTask] = {
     # An actor runs 4 calls of 256 rows at once, all in one engine, so that it stays full while one call's last
     # sequences finish.
     "text-generation": RayTask("generated", rows_per_batch=256, concurrent_batches=4),
+    # An image's features are its uint8 pixels (~150 KB at 224 x 224): 256 rows per model call, not 4096.
+    "image-classification": RayTask("classification", rows_per_batch=256),
+    "zero-shot-image-classification": RayTask("classification", rows_per_batch=256),
+    "image-feature-extraction": RayTask("features", rows_per_batch=256),
+    "image-embeddings": RayTask("embedding", rows_per_batch=256),
 }
 
 
@@ -100,6 +105,7 @@ class StageSpec:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how the model actors load and batch
     params: dict = field(default_factory=dict)  # the task's parameters
     stats: bool = False  # keep the per-row stats columns (jobs.infer sums them for its summary)
+    keep_input: bool = True  # False: the preprocess stage drops the input column(s) once their features are made
 
 
 # -- building pipelines, once per worker process ---------------------------------------------------------------
@@ -135,16 +141,28 @@ def _row_name(table: pa.Table, spec: StageSpec, row: int) -> str:
 
 
 def _input(table: pa.Table, spec: StageSpec, row: int):
-    if isinstance(spec.column, str):
-        return table.column(spec.column)[row].as_py()
-    return {key: table.column(name)[row].as_py() for key, name in spec.column.items()}
+    if not spec.keep_input and _input_columns(spec)[0] not in table.column_names:
+        return f"#{row} of its batch"  # the input is gone after preprocess: name the row by its place
+    return _inputs(table.slice(row, 1), spec)[0]
+
+
+def _input_columns(spec: StageSpec) -> list[str]:
+    return [spec.column] if isinstance(spec.column, str) else list(spec.column.values())
 
 
 def _inputs(table: pa.Table, spec: StageSpec) -> list:
     if isinstance(spec.column, str):
-        return table.column(spec.column).to_pylist()
-    columns = {key: table.column(name).to_pylist() for key, name in spec.column.items()}
+        return _values(table.column(spec.column))
+    columns = {key: _values(table.column(name)) for key, name in spec.column.items()}
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def _values(column: pa.ChunkedArray) -> list:
+    """A column's values as Python objects; a Ray tensor column (`ray.data.read_images`' "image", fixed or variable
+    shape) as one numpy array per row, where to_pylist would give nested lists."""
+    if isinstance(column.type, pa.ExtensionType) and "tensor" in type(column.type).__name__.lower():
+        return [array for chunk in column.chunks for array in chunk.to_numpy(zero_copy_only=False)]
+    return column.to_pylist()
 
 
 def _reason(error: BaseException) -> str:
@@ -187,6 +205,8 @@ def preprocess_batch(table: pa.Table, spec: StageSpec) -> pa.Table:
         cells.append(pickle.dumps(parts, protocol=5))
         errors.append(None)
         tokens.append(sum(pipe.feature_length(p) for p in parts))
+    if not spec.keep_input:
+        table = table.drop_columns([c for c in _input_columns(spec) if c != spec.id_column])
     table = _with(table, PARTS, cells, pa.binary())
     table = _with(table, ERROR, errors, pa.string())
     table = _with(table, TOKENS, tokens, pa.int64())
@@ -343,6 +363,7 @@ def run_pipeline(
     revision: str | None = None,
     runtime: RuntimeConfig | None = None,
     stats: bool = False,
+    keep_input: bool = True,
     **options,
 ):
     """Append the task's answer to every row of the Ray Dataset `ds` (lazy; rows 1:1, order not kept).
@@ -351,6 +372,8 @@ def run_pipeline(
     output_column: default the task's (`embedding`, `classification`, `entities`, `answer`, ...: RAY_TASKS).
     on_error: "raise" fails the job naming the row; "record" puts the reason in `error_column` (null when
     the row succeeded) and goes on. id_column names rows in errors. stats: keep per-row timing columns.
+    keep_input: False drops the input column(s) in the preprocess stage, once their features are made (image
+    bytes need not travel to the model actors nor land in the output; the id column stays).
     runtime: how the model actors load and batch (a RuntimeConfig: dtype, device_map, quantization, batch_size /
     max_batch_tokens (the micro-batch limits inside a model call), ...); its field names as plain keywords
     override it. The device is the actor's accelerator when its node has one, unless the runtime sets one.
@@ -398,6 +421,7 @@ def run_pipeline(
         runtime=runtime.merged(threads=resources.model_threads),
         params=task_params,
         stats=stats,
+        keep_input=keep_input,
     )
     _check_columns(ds, spec)
     return plan(ds, spec, dataclasses.replace(resources, concurrent_batches=knobs.concurrent_batches))

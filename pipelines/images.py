@@ -71,6 +71,26 @@ def load_image(image, *, allow_urls: bool = False, max_pixels: int | None = None
     raise TypeError(f"cannot read an image from a {type(image).__name__}; an image is {FORMS}")
 
 
+def image_bytes(text: str) -> bytes:
+    """The encoded image a server's request carries as text: a `data:image/<type>;base64,` URI or bare base64.
+    A path or a URL is refused, whatever exists at it: a server reading either for a client would open its own
+    files or fetch for it (SSRF). The bytes are decoded later, by `load_image`, like any other bytes."""
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if sep and header.startswith("data:image/") and header.endswith(";base64"):
+            return _b64decode(payload, "data URI")
+        raise ImageInputError(
+            f"data URI {_clip(text)}: expected 'data:image/<type>;base64,<data>', got the header {header[:60]!r}"
+        )
+    if _looks_like_base64(text):
+        return _b64decode(text, "base64 string")
+    what = "a URL" if text.startswith(_SCHEMES) else "not base64"
+    raise ImageInputError(
+        f"{_clip(text)} is {what}: a server reads an image as base64 data or a 'data:image/<type>;base64,' URI "
+        "(or a raw image/* body), never a path or a URL"
+    )
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as an RGB image, as transformers' `convert_to_rgb` does it: alpha (an "A" band or a transparency key)
     composited onto white, every other mode through Pillow's convert("RGB"). Always a new image."""

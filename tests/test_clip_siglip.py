@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,9 +93,15 @@ def _clip_tokenizer_json() -> HFTokenizer:
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
+    return make_clip_checkpoint(tmp_path_factory.mktemp("clip"))
+
+
+def make_clip_checkpoint(path: Path) -> Path:
+    """A tiny random CLIPModel folder with its tokenizer files and CLIPImageProcessor config (also served by
+    tests/deploy/test_app.py)."""
     import transformers
 
-    path = tmp_path_factory.mktemp("clip")
+    path.mkdir(parents=True, exist_ok=True)
     tok = _clip_tokenizer_json()
     tok.save(str(path / "tokenizer.json"))
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}

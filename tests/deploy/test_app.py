@@ -5,7 +5,9 @@ multiplexed models with LRU; a model replica killed under load; a client that ha
 autoscaling adds a replica under load."""
 
 import base64
+import io
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,8 @@ from deploy.app import build_app
 from deploy.router import build_router
 from pipelines import pipeline
 from tests.checkpoints import SENTENCES
+from tests.image_checkpoints import make_image_checkpoint, random_image
+from tests.test_clip_siglip import make_clip_checkpoint
 
 QA_MODEL = Path(__file__).resolve().parents[1] / "data" / "qa_reference" / "bert"
 
@@ -37,6 +41,9 @@ def server(checkpoint):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         emb, clf = checkpoint("bert"), checkpoint("bert", "sequence-classification")
+        images = Path(tempfile.mkdtemp(prefix="serve-images-"))
+        vit = make_image_checkpoint(images / "vit", "vit", "image-classification")
+        clip = make_clip_checkpoint(images / "clip")
         classifiers = {
             family: str(checkpoint(family, "sequence-classification")) for family in ("bert", "roberta", "distilbert")
         }
@@ -71,11 +78,14 @@ def server(checkpoint):
             "pair": {"task": "text-classification", "model": str(clf), "model_replicas": 2},
             "wait": {"task": "text-classification", "model": str(clf), "batch_wait_s": 2.0},
             "auto": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.2, "autoscaling": scaling},
+            "img": {"task": "image-classification", "model": str(vit), "max_body_bytes": 300_000},
+            "zs": {"task": "zero-shot-image-classification", "model": str(clip)},
+            "imgemb": {"task": "image-embeddings", "model": str(clip), "served_model_name": "clip-images"},
         }
         targets = [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in apps.items()]
         targets.append(serve.RunTarget(build_router(), name="openai", route_prefix="/"))  # every app above
         serve.run_many(targets)
-        paths = {"emb": emb, "clf": clf, **classifiers}
+        paths = {"emb": emb, "clf": clf, "vit": vit, "clip": clip, **classifiers}
         yield {name: f"http://127.0.0.1:{port}/{name}" for name in apps} | {
             "paths": paths,
             "root": f"http://127.0.0.1:{port}",
@@ -404,3 +414,65 @@ def test_one_openai_root_lists_and_routes_every_model(server):
     assert e.value.code == "model_not_found"
     r = _post(server["emb"] + "/v1/embeddings", {"input": "x", "model": "text-embedding-3-small"})
     assert r.status_code == 404 and r.json()["error_type"] == "model_not_found"
+
+
+def _png(seed: int, height: int = 30, width: int = 44) -> bytes:
+    out = io.BytesIO()
+    random_image(seed, height, width).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_image_requests_in_every_form_equal_in_process(server):
+    """image-classification over HTTP: a raw image/png body (parameters in the query), base64 and a data URI in
+    JSON, one or a list: each answers what the in-process pipeline answers for the same bytes."""
+    png, vit = _png(1), str(server["paths"]["vit"])
+    ref = pipeline("image-classification", vit)(png, top_k=3)
+    raw = requests.post(server["img"] + "/predict?top_k=3", data=png, headers={"content-type": "image/png"}, timeout=60)
+    b64 = base64.b64encode(png).decode()
+    uri = _post(server["img"], {"inputs": f"data:image/png;base64,{b64}", "parameters": {"top_k": 3}})
+    listed = _post(server["img"], {"inputs": [b64, b64], "parameters": {"top_k": 3}})
+    for answer in (raw.json(), uri.json(), *listed.json()):
+        assert [a["label"] for a in answer] == [a["label"] for a in ref]
+        assert [a["score"] for a in answer] == pytest.approx([a["score"] for a in ref], abs=1e-6)
+
+
+def test_zero_shot_and_image_embeddings_over_http(server):
+    """zero-shot-image-classification with candidate_labels; CLIP image embeddings through /v1/embeddings (input
+    strings as data URIs) equal the in-process image-embeddings pipeline."""
+    png, clip = _png(2), str(server["paths"]["clip"])
+    labels = ["a cat", "a dog", "a bird"]
+    ref = pipeline("zero-shot-image-classification", clip)(png, candidate_labels=labels)
+    b64 = base64.b64encode(png).decode()
+    r = _post(server["zs"], {"inputs": b64, "parameters": {"candidate_labels": labels}})
+    assert r.status_code == 200, r.text
+    assert [a["label"] for a in r.json()] == [a["label"] for a in ref]
+    assert [a["score"] for a in r.json()] == pytest.approx([a["score"] for a in ref], abs=1e-6)
+    r = _post(server["imgemb"] + "/v1/embeddings", {"input": [f"data:image/png;base64,{b64}"], "model": "clip-images"})
+    assert r.status_code == 200, r.text
+    expected = pipeline("image-embeddings", clip)(png)
+    torch.testing.assert_close(
+        torch.tensor(r.json()["data"][0]["embedding"]), torch.tensor(expected), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, message",
+    [
+        (b"this is not an image", {"content-type": "image/jpeg"}, 422, "not an image format"),
+        (b"", {"content-type": "image/png"}, 422, "no image data"),
+        ({"inputs": "/etc/hostname"}, None, 422, "never a path or a URL"),
+        ({"inputs": "https://example.com/cat.jpg"}, None, 422, "is a URL"),
+        ({"inputs": {"image": "x"}}, None, 422, "expected an image as a base64 string"),
+        (b"x" * 400_000, {"content-type": "image/png"}, 413, "bytes"),
+        (b"GIF89a", {"content-type": "text/plain"}, 422, "not valid JSON"),
+    ],
+    ids=["text-as-jpeg", "empty", "path", "url", "dict", "too-large", "text-body"],
+)
+def test_bad_image_requests_are_named_4xx(server, body, headers, status, message):
+    """Bad image requests get a 4xx naming what was received, never a 500; the server answers the next one."""
+    if isinstance(body, bytes):
+        r = requests.post(server["img"] + "/predict", data=body, headers=headers, timeout=60)
+    else:
+        r = _post(server["img"], body)
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert requests.post(server["img"], data=_png(3), headers={"content-type": "image/png"}, timeout=60).ok

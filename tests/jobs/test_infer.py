@@ -287,3 +287,55 @@ def test_text_generation_job_runs_the_default_chat_model_by_id(cluster, smollm2_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = pipeline("text-generation")([r["text"] for r in rows], **params)
     assert {r["id"]: r["generated"] for r in _read(tmp_path / "out")} == dict(enumerate(expected))
+
+
+def test_image_job_over_mixed_files_with_corrupt_ones(cluster, tmp_path):
+    """--input-format images over a folder of JPEG, PNG and WebP files of several sizes and two corrupt ones (a text
+    file named .jpg, an empty .png): results + errors = the input files, each error naming its problem; labels and
+    scores equal the in-process pipeline's; the output keeps each file's path, not its bytes."""
+    from tests.image_checkpoints import make_image_checkpoint, random_image
+
+    model = make_image_checkpoint(tmp_path / "vit", "vit", "image-classification")
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    good = []
+    for i in range(18):
+        fmt = ("JPEG", "PNG", "WEBP")[i % 3]
+        path = photos / ("sub" if i % 2 else "") / f"img{i}.{fmt.lower().replace('jpeg', 'jpg')}"
+        random_image(i, 20 + 7 * i, 40 + 3 * i).save(path, format=fmt)
+        good.append(str(path))
+    (photos / "notes.jpg").write_text("this is not an image")
+    (photos / "empty.png").write_bytes(b"")
+    result = _submit(
+        cluster,
+        "--task",
+        "image-classification",
+        "--model",
+        model,
+        "--input",
+        photos,
+        "--input-format",
+        "images",
+        "--params",
+        '{"top_k": 2}',
+        "--output",
+        tmp_path / "out",
+        "--errors",
+        tmp_path / "errors",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
+    assert sorted(r["path"] for r in out) == sorted(good)
+    reasons = {Path(r["path"]).name: r["error"] for r in errors}
+    assert reasons == {
+        "notes.jpg": "ImageInputError: bytes input of 20 bytes: not an image format Pillow can read (the data starts "
+        "with b'this is not an i')",
+        "empty.png": "ImageInputError: bytes input of 0 bytes: no image data",
+    }
+    assert all("bytes" not in r for r in out + errors)
+    expected = dict(zip(good, pipeline("image-classification", str(model))(good, top_k=2)))
+    for row in out:
+        want = expected[row["path"]]
+        assert [d["label"] for d in row["classification"]] == [d["label"] for d in want]
+        got = [d["score"] for d in row["classification"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor([d["score"] for d in want]), atol=1e-5, rtol=0)
