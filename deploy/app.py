@@ -16,8 +16,10 @@ Images (image-classification, zero-shot-image-classification, image-feature-extr
 `image/*` body, or in JSON each input as base64 or a `data:image/<type>;base64,` URI, as the Hugging Face Inference
 API takes them. `/v1/embeddings` with an image-embeddings model (CLIP, SigLIP) takes its `input` strings the same
 way (OpenAI's API has no image input; base64 data URIs are what the multimodal embedding APIs clients already use
-accept, and a string stays a string in every OpenAI client). The server never reads a path or fetches a URL for a
-client (its own files; SSRF): those are 422s naming the input.
+accept, and a string stays a string in every OpenAI client). The server never reads a path for a client (its own
+files), nor fetches a URL unless the application is built with `allow_image_urls: true` (SSRF: it would fetch from
+inside the network for anyone who can reach it); refused, those are 422s naming the input. A fetched image counts
+against `max_body_bytes` as a body does.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from deploy.ingress import Body, Incoming, Ingress, Limits, PredictRequest, Serv
 from deploy.metrics import BatchMetrics
 from pipelines.convert import outputs_to_numpy, outputs_to_torch, to_plain
 from pipelines.factory import pipeline
-from pipelines.images import image_bytes
+from pipelines.images import fetch_image_bytes, image_bytes, is_url
 from pipelines.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -179,10 +181,10 @@ class EncoderIngress(Ingress):
             items = [self._image(item, i, single) for i, item in enumerate(items)]
         return items, single
 
-    @staticmethod
-    def _image(item, i: int, single: bool) -> bytes:
-        """An image input as the bytes it encodes: a raw body's bytes, or base64 / a data URI in JSON; never a path
-        or a URL (the server would read its own files or fetch for the client)."""
+    def _image(self, item, i: int, single: bool) -> bytes | str:
+        """An image input as the bytes it encodes: a raw body's bytes, or base64 / a data URI in JSON. Never a path;
+        a URL only with `allow_image_urls` (kept as the URL here, fetched with the preprocessing, off the event
+        loop), else the server would read its own files or fetch for the client."""
         where = "inputs" if single else f"inputs[{i}]"
         if isinstance(item, bytes):
             return item
@@ -191,10 +193,26 @@ class EncoderIngress(Ingress):
                 f"{where}: expected an image as a base64 string or a data:image/...;base64 URI, got "
                 f"{type(item).__name__}"
             )
+        if is_url(item):
+            if self.limits.allow_image_urls:
+                return item
+            raise validation_error(
+                f"{where}: {item[:80]!r} is a URL: this server does not fetch images (its application is built without "
+                "allow_image_urls); send the image's bytes (an image/* body), base64 or a data:image/...;base64 URI"
+            )
         try:
             return image_bytes(item)
         except ValueError as e:
             raise validation_error(f"{where}: {e}") from None
+
+    def _preprocess(self, pipe, items: list, pre: dict) -> list:
+        """Each input's features (in a worker thread: image decoding and URL fetches stay off the event loop)."""
+        parts = []
+        for i, item in enumerate(items):
+            if isinstance(item, str) and pipe.processor_kind in IMAGE_PROCESSORS:  # an allowed URL
+                item = fetch_image_bytes(item, self.limits.max_body_bytes)
+            parts.append(pipe.preprocess_item(item, i, pre))
+        return parts
 
     async def _run(self, items: list, parameters: dict, model_id: str = "") -> tuple[list, int]:
         """Preprocess here, forward on the model deployment (batched with other requests), postprocess.
@@ -202,7 +220,7 @@ class EncoderIngress(Ingress):
         pipe = self.processors(model_id)
         try:
             pre, fwd, post = pipe.call_parameters(**parameters)
-            parts = [pipe.preprocess_item(item, i, pre) for i, item in enumerate(items)]
+            parts = await asyncio.to_thread(self._preprocess, pipe, items, pre)
         except (TypeError, ValueError, KeyError) as e:
             raise validation_error(str(e).strip("'\"")) from None
         features = [f for p in parts for f in p]
@@ -329,6 +347,7 @@ ENCODER_ARGS = {
     "max_models_per_replica": int,
     "max_batch_tokens": int,  # tokens of concurrent requests gathered into one model call
     "batch_wait_s": float,
+    "allow_image_urls": bool,  # image inputs as http(s) URLs are fetched by the ingress (default off: SSRF)
 }
 
 
@@ -399,7 +418,7 @@ def build_app(args: dict):
         revision=revision,
         params=params,
     )
-    limits = {"max_client_batch_size": 256, **{k: args.pop(k) for k in LIMIT_ARGS if k in args}}
+    limits = {"max_client_batch_size": 256, **{k: args.pop(k) for k in (*LIMIT_ARGS, "allow_image_urls") if k in args}}
     Limits(**limits)  # checked here, before Serve starts
     ingress = EncoderApp.options(num_replicas=args.pop("ingress_replicas", 1))
     return ingress.bind(

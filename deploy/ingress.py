@@ -94,6 +94,7 @@ class Limits:
     max_in_flight: int = 128  # requests (a stream until it ends) one ingress replica holds at once
     request_timeout_s: float = 60.0
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
+    allow_image_urls: bool = False  # image inputs given as http(s) URLs are fetched by the server (off: SSRF)
 
     def __post_init__(self):
         for name in ("max_client_batch_size", "max_body_bytes", "max_in_flight"):

@@ -11,7 +11,8 @@ the rows already written (results or errors) are skipped, none is written twice 
 
 Images (`--input-format images`, or files that all have image extensions): each file is read whole and decoded,
 resized and cropped by the preprocess tasks; only uint8 pixels travel to the model actors, and the output rows keep
-the file's `path` (the id column), not its bytes. A corrupt file is one error row with --errors.
+the file's `path` (the id column), not its bytes. Parquet with the images in a binary column works too (`--column`
+naming it); a binary input column is never copied into the output. A corrupt file is one error row with --errors.
 
     python -m jobs.infer --task image-classification --model path/to/vit --input 'photos/**/*.jpg' \
         --input-format images --output out/labels --errors out/bad
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(logging_level="WARNING")
     ds = files.read(paths, fmt)
-    names = list(ds.schema().names)
+    schema = ds.schema()
+    names = list(schema.names)
     id_column = args.id_column or ("id" if "id" in names else "path" if images else None)
     if args.id_column and args.id_column not in names:
         raise SystemExit(f"--id-column {args.id_column!r} is not an input column; columns: {names}")
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in wanted:
         if name not in names:
             raise SystemExit(f"--column {name!r} is not an input column; columns: {names}")
+    types = dict(zip(names, schema.types))
+    binary = any(pa.types.is_binary(types[n]) or pa.types.is_large_binary(types[n]) for n in wanted)
 
     skipped = 0
     if args.resume:
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             id_column=id_column,
             rows_per_batch=args.rows_per_batch,
             stats=True,
-            keep_input=not images,  # the output keeps the path, not the image bytes
+            keep_input=not binary,  # image bytes are not copied into the output (the id / path column is)
             **params,
         )
     except (ValueError, TypeError, KeyError, OSError) as e:

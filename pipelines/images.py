@@ -217,17 +217,31 @@ def _looks_like_base64(text: str) -> bool:
 
 def _fetch(url: str, limit: int) -> Image.Image:
     """GET `url` (only with allow_urls=True), at most MAX_URL_BYTES, then decode as any bytes input."""
+    data = fetch_image_bytes(url)
+    return _decode(data, f"URL {_clip(url)} ({len(data)} bytes)", limit)
+
+
+def fetch_image_bytes(url: str, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    """The body of a GET of the http(s) `url`, at most `max_bytes` (a larger one is refused, not cut), within
+    URL_TIMEOUT_S. Only for callers that chose to fetch (load_image's allow_urls, Serve's allow_image_urls)."""
     import urllib.error
     import urllib.request
 
+    if not url.startswith(_SCHEMES):
+        raise ImageInputError(f"{_clip(url)} is not an http(s) URL")
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - the scheme is checked
-            data = response.read(MAX_URL_BYTES + 1)
-    except (urllib.error.URLError, OSError) as e:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise ImageInputError(f"URL {_clip(url)}: could not be fetched ({e})") from None
-    if len(data) > MAX_URL_BYTES:
-        raise ImageInputError(f"URL {_clip(url)}: the response is larger than {MAX_URL_BYTES:,} bytes")
-    return _decode(data, f"URL {_clip(url)} ({len(data)} bytes)", limit)
+    if len(data) > max_bytes:
+        raise ImageInputError(f"URL {_clip(url)}: the response is larger than {max_bytes:,} bytes")
+    return data
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` is an http(s) URL (the only schemes an image may be fetched from)."""
+    return text.startswith(_SCHEMES)
 
 
 def _head(path: Path) -> bytes:

@@ -5,6 +5,8 @@ multiplexed models with LRU; a model replica killed under load; a client that ha
 autoscaling adds a replica under load."""
 
 import base64
+import functools
+import http.server
 import io
 import socket
 import tempfile
@@ -79,6 +81,12 @@ def server(checkpoint):
             "wait": {"task": "text-classification", "model": str(clf), "batch_wait_s": 2.0},
             "auto": {"task": "text-classification", "model": str(clf), "batch_wait_s": 0.2, "autoscaling": scaling},
             "img": {"task": "image-classification", "model": str(vit), "max_body_bytes": 300_000},
+            "imgurl": {
+                "task": "image-classification",
+                "model": str(vit),
+                "allow_image_urls": True,
+                "max_body_bytes": 300_000,
+            },
             "zs": {"task": "zero-shot-image-classification", "model": str(clip)},
             "imgemb": {"task": "image-embeddings", "model": str(clip), "served_model_name": "clip-images"},
         }
@@ -465,8 +473,14 @@ def test_zero_shot_and_image_embeddings_over_http(server):
         ({"inputs": {"image": "x"}}, None, 422, "expected an image as a base64 string"),
         (b"x" * 400_000, {"content-type": "image/png"}, 413, "bytes"),
         (b"GIF89a", {"content-type": "text/plain"}, 422, "not valid JSON"),
+        (
+            {"inputs": [base64.b64encode(_png(5)).decode(), "http://127.0.0.1:1/x.png"]},
+            None,
+            422,
+            "inputs[1]: 'http://127.0.0.1:1/x.png' is a URL",
+        ),
     ],
-    ids=["text-as-jpeg", "empty", "path", "url", "dict", "too-large", "text-body"],
+    ids=["text-as-jpeg", "empty", "path", "url", "dict", "too-large", "text-body", "url-in-list"],
 )
 def test_bad_image_requests_are_named_4xx(server, body, headers, status, message):
     """Bad image requests get a 4xx naming what was received, never a 500; the server answers the next one."""
@@ -476,3 +490,31 @@ def test_bad_image_requests_are_named_4xx(server, body, headers, status, message
         r = _post(server["img"], body)
     assert r.status_code == status and message in r.json()["error"], r.text
     assert requests.post(server["img"], data=_png(3), headers={"content-type": "image/png"}, timeout=60).ok
+
+
+@pytest.fixture(scope="module")
+def image_site(tmp_path_factory):
+    """A local HTTP server (a thread) serving a PNG and a file larger than the "imgurl" app's 300,000 byte limit."""
+    folder = tmp_path_factory.mktemp("site")
+    (folder / "cat.png").write_bytes(_png(4))
+    (folder / "huge.png").write_bytes(b"x" * 400_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+
+
+def test_image_urls_are_fetched_only_where_the_application_allows_them(server, image_site):
+    """allow_image_urls: the ingress fetches the URL and answers as for its bytes; a missing one or one larger than
+    max_body_bytes is a 422 naming the URL; the default application refuses the same URL without fetching it."""
+    ref = pipeline("image-classification", str(server["paths"]["vit"]))(_png(4), top_k=2)
+    r = _post(server["imgurl"], {"inputs": [f"{image_site}/cat.png"], "parameters": {"top_k": 2}})
+    assert r.status_code == 200, r.text
+    assert [a["label"] for a in r.json()[0]] == [a["label"] for a in ref]
+    assert [a["score"] for a in r.json()[0]] == pytest.approx([a["score"] for a in ref], abs=1e-6)
+    for path, message in (("missing.png", "could not be fetched"), ("huge.png", "larger than 300,000 bytes")):
+        r = _post(server["imgurl"], {"inputs": f"{image_site}/{path}"})
+        assert r.status_code == 422 and message in r.json()["error"] and path in r.json()["error"], r.text
+    r = _post(server["img"], {"inputs": f"{image_site}/cat.png"})
+    assert r.status_code == 422 and "does not fetch images" in r.json()["error"], r.text

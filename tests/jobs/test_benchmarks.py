@@ -17,7 +17,7 @@ import tomllib
 from jobs.benchmarks import corpus, harness
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("embeddings", "generation", "ray_job", "serve", "tasks")
+BENCHMARKS = ("chat", "embeddings", "generation", "images", "ray_job", "serve", "tasks")
 PYTHON_M = re.compile(r"\bpython3?\s+-m\s+(jobs(?:\.\w+)+)\b(?!\.<)")  # not a placeholder: jobs.benchmarks.<name>
 
 

@@ -2,6 +2,7 @@
 stopped at the end): `ray job submit` results equal in-process results, bad rows, resume after a kill, a
 separate driver process, and both nodes doing work."""
 
+import io
 import json
 import os
 import subprocess
@@ -339,3 +340,45 @@ def test_image_job_over_mixed_files_with_corrupt_ones(cluster, tmp_path):
         assert [d["label"] for d in row["classification"]] == [d["label"] for d in want]
         got = [d["score"] for d in row["classification"]]
         torch.testing.assert_close(torch.tensor(got), torch.tensor([d["score"] for d in want]), atol=1e-5, rtol=0)
+
+
+def test_image_job_over_a_parquet_binary_column(cluster, tmp_path):
+    """Parquet with the images in a binary column (`--column image`): labels equal the in-process pipeline's, a
+    corrupt cell is its row's error, and the output keeps the id but not the bytes."""
+    import pyarrow as pa
+
+    from tests.image_checkpoints import make_image_checkpoint, random_image
+
+    model = make_image_checkpoint(tmp_path / "vit", "vit", "image-classification")
+    cells = []
+    for i in range(5):
+        out = io.BytesIO()
+        random_image(i, 24 + 5 * i, 30).save(out, format="PNG" if i % 2 else "JPEG")
+        cells.append(out.getvalue())
+    cells.append(cells[0][:40])  # a truncated JPEG
+    ids = [f"row{i}" for i in range(len(cells))]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ids, "image": pa.array(cells, pa.binary())}), tmp_path / "in" / "part.parquet")
+    result = _submit(
+        cluster,
+        "--task",
+        "image-classification",
+        "--model",
+        model,
+        "--input",
+        tmp_path / "in",
+        "--column",
+        "image",
+        "--output",
+        tmp_path / "out",
+        "--errors",
+        tmp_path / "errors",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, errors = _read(tmp_path / "out"), _read(tmp_path / "errors")
+    assert sorted(r["id"] for r in out) == ids[:5] and [r["id"] for r in errors] == ["row5"]
+    assert errors[0]["error"].startswith("ImageInputError: bytes input of 40 bytes:"), errors[0]["error"]
+    assert all("image" not in r for r in out + errors)
+    expected = dict(zip(ids, pipeline("image-classification", str(model))(cells[:5])))
+    for row in out:
+        assert [d["label"] for d in row["classification"]] == [d["label"] for d in expected[row["id"]]]
