@@ -38,6 +38,7 @@ class DeviceDefaults:
     """The budgets that suit one kind of device, used where the caller sets none."""
 
     batch_size: int  # rows per micro-batch of an encoder pipeline
+    image_batch_size: int  # images per micro-batch of an image pipeline (fixed-size inputs: no token budget binds)
     max_batch_tokens: int  # padded tokens (rows x longest) per micro-batch of an encoder pipeline
     max_sequences: int  # generation: sequences running at once in the engine
     prefill_tokens: int  # generation: prompt tokens prefilled per engine step
@@ -48,9 +49,13 @@ class DeviceDefaults:
 # On 2 CPU cores (MiniLM, mixed lengths) 128 rows / 2,048 tokens per micro-batch ran about 2x faster than 32 rows
 # without a budget (BENCHMARKS.md); accelerators want bigger batches. A Serve model call gathers more tokens than one
 # micro-batch holds: the pipeline cuts it into length-sorted micro-batches, so requests of mixed lengths pad little.
+# Images: a ViT-base micro-batch of 128 x 197 tokens is 1.8 GB of float32 activations on the CPU; 16 images ran as
+# fast or faster (2 cores, 128 images: bf16 106 ms/image at 16 against 132 at 128, fp32 234 against 236) with half
+# the peak memory (jobs.benchmarks.images, BENCHMARKS.md).
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     "cpu": DeviceDefaults(
         batch_size=128,
+        image_batch_size=16,
         max_batch_tokens=2048,
         max_sequences=64,
         prefill_tokens=2048,
@@ -59,6 +64,7 @@ DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     ),
     "cuda": DeviceDefaults(
         batch_size=128,
+        image_batch_size=64,
         max_batch_tokens=16384,
         max_sequences=64,
         prefill_tokens=8192,
@@ -67,6 +73,7 @@ DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     ),
     "mps": DeviceDefaults(
         batch_size=128,
+        image_batch_size=32,
         max_batch_tokens=8192,
         max_sequences=64,
         prefill_tokens=4096,

@@ -177,3 +177,18 @@ def test_processor_only_pipeline_prepares_compact_pixels(folders):
     pre = pipeline("image-classification", model=str(folders[("deit", "image-classification")]), load_weights=False)
     features = pre.preprocess_item(IMAGES[2], 0)
     assert [tuple(f["pixels"].shape) for f in features] == [(3, 32, 32)] and features[0]["pixels"].dtype == torch.uint8
+
+
+def test_image_pipelines_batch_by_the_image_row_of_the_device_table(folders):
+    """Image pipelines take DEVICE_DEFAULTS' image_batch_size (16 on the CPU, not the text tasks' 128: a ViT-base
+    batch of 128 held 1.8 GB of activations and ran no faster); a runtime batch_size still wins, and the answers
+    do not depend on it."""
+    from pipelines.runtime import DEVICE_DEFAULTS
+
+    folder = str(folders[("vit", "image-classification")])
+    pipe = pipeline("image-classification", model=folder)
+    assert pipe.batch_size == DEVICE_DEFAULTS["cpu"].image_batch_size == 16
+    assert pipeline("image-feature-extraction", model=folder).batch_size == 16
+    assert pipeline("image-classification", model=folder, batch_size=5).batch_size == 5
+    images = [random_image(i, 20 + i, 30) for i in range(37)]
+    assert_same_output(pipe(images, top_k=3), pipe(images, top_k=3, batch_size=37))

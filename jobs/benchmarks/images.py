@@ -25,9 +25,12 @@ images:
   submit -- python -m jobs.infer --task image-classification --input-format images` (its defaults: the preprocess
   tasks decode and resize, the model actor gets uint8 pixels), then `down`. "work s" is the job's own time (plan
   to the last part written: actor start and model load included); in process, the same span is the pipeline's
-  load plus its run. Ray/in process compares the two for the same dtype.
+  load plus its run. Ray/in process compares the two for the same dtype. ray-read-images-bf16 (only when named):
+  the alternative reading, a driver calling `run_pipeline` over `ray.data.read_images(mode="RGB")` (decoded in the
+  read tasks; the pipeline's preprocess then takes arrays), timed from the plan to its last row.
 
-Columns: images/s over the timed images; "x hf" against the best hf-b* row; "same top-1 as hf": images whose best
+Columns: images/s over the timed images; "x hf fp32 (best)" against the best hf-b* row (float32), "x hf bf16 b8"
+against hf-bf16-b8; "same top-1 as hf": images whose best
 label equals transformers' (float32, over the images both did); peak RSS (ru_maxrss of the child; for Ray, the
 model actor is not this process: not reported); other CPU: the share of all cores that other processes used
 during the timed run (above a few percent the timing was disturbed; the child runs again once).
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,8 +78,8 @@ VIT_BASE = dict(
 )
 NUM_LABELS = 1000
 OURS = {"ours-fp32": "float32", "ours-bf16": "bfloat16"}
-RAY = {"ray-fp32": "float32", "ray-bf16": "bfloat16"}
-OPTIONAL = ("hf-bf16-b8",)
+RAY = {"ray-fp32": "float32", "ray-bf16": "bfloat16", "ray-read-images-bf16": "bfloat16"}
+OPTIONAL = ("hf-bf16-b8", "ray-read-images-bf16")
 
 
 # -- the workload --------------------------------------------------------------------------------------------------
@@ -192,26 +196,34 @@ def child(args) -> None:
 
 # -- the Ray job -------------------------------------------------------------------------------------------------------
 def as_ray_job(name: str, model: Path, images: Path, out: Path, threads: int) -> dict:
+    """One Ray row on a fresh local cluster: `jobs.infer` submitted as a job, or (ray-read-images-*) a driver
+    running `run_pipeline` over `ray.data.read_images`, the alternative to reading the files' bytes."""
     from cluster import local
 
     folder = tempfile.mkdtemp(prefix="rpb-img-")
     local.up(folder)
     try:
         env = {**os.environ, **local.env(folder)}
-        submit = ["ray.scripts.scripts", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--"]
-        job = module_command("jobs.infer", "--task", "image-classification", "--model", model, "--dtype", RAY[name])
-        job += ["--input", str(images / "*.jpg"), "--input-format", "images", "--output", str(out / name)]
-        job += ["--errors", str(out / f"{name}-errors"), "--params", '{"top_k": 1}']
+        if name.startswith("ray-read-images"):
+            command = module_command(MODULE, "--read-images-driver", name, "--model", model, "--images-dir", images)
+            command += ["--result", str(out / f"{name}.json")]
+        else:
+            submit = ["ray.scripts.scripts", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--"]
+            job = ["jobs.infer", "--task", "image-classification", "--model", model, "--dtype", RAY[name]]
+            job += ["--input", images / "*.jpg", "--input-format", "images", "--output", out / name]
+            job += ["--errors", out / f"{name}-errors", "--params", '{"top_k": 1}']
+            command = module_command(*submit, *module_command(*job))
         busy = busy_cpu_seconds()
-        result, wall, _ = timed(
-            lambda: subprocess.run(module_command(*submit, *job), cwd=ROOT, env=env, capture_output=True, text=True)
-        )
+        result, wall, _ = timed(lambda: subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True))
         if result.returncode != 0:
             raise SystemExit(f"{name}: the Ray job failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         cpu_s = busy_cpu_seconds() - busy
     finally:
         local.down(folder)
-    summary = json.loads((out / name / "_summary.json").read_text())
+    if name.startswith("ray-read-images"):
+        summary = json.loads((out / f"{name}.json").read_text())
+    else:
+        summary = json.loads((out / name / "_summary.json").read_text())
     return {
         "images": summary["rows_in"],
         "run_s": summary["wall_s"],
@@ -222,6 +234,29 @@ def as_ray_job(name: str, model: Path, images: Path, out: Path, threads: int) ->
         "errors": summary["rows_in"] - summary["rows_out"],
         "other_cpu": 0.0,
     }
+
+
+def read_images_driver(name: str, model: Path, images: Path, result: Path) -> None:
+    """`run_pipeline` over `ray.data.read_images` (decoded to RGB arrays in the read tasks), from a driver on the
+    cluster of RAY_ADDRESS: its time from building the plan to the last row, as jobs.infer's summary counts."""
+    import ray
+    import ray.data
+
+    from pipelines.distributed import run_pipeline
+
+    ray.init(logging_level="WARNING")
+    start = time.perf_counter()
+    ds = ray.data.read_images(str(images), mode="RGB", include_paths=True)
+    out = run_pipeline(
+        ds, "image-classification", model=str(model), column="image", id_column="path", dtype=RAY[name],
+        keep_input=False, on_error="record", top_k=1,
+    )  # fmt: skip
+    rows = errors = 0
+    for batch in out.iter_batches(batch_size=256, batch_format="pyarrow"):
+        rows += batch.num_rows
+        errors += batch.num_rows - batch.column("error").null_count
+    wall = time.perf_counter() - start
+    result.write_text(json.dumps({"rows_in": rows, "rows_out": rows - errors, "wall_s": wall}))
 
 
 # -- parent side -------------------------------------------------------------------------------------------------------
@@ -241,10 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--paths-file", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--read-images-driver", help=argparse.SUPPRESS)
     add_timing_arguments(parser, wait_idle_s=60.0)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.read_images_driver:
+        return read_images_driver(args.read_images_driver, Path(args.model), Path(args.images_dir), Path(args.result))
 
     hf = [f"hf-b{b}" for b in map(int, args.hf_batch_sizes.split(","))]
     known = [*OURS, *hf, *OPTIONAL, *RAY]
@@ -280,22 +318,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(results: dict, args) -> list[str]:
-    hf_rows = {n: r for n, r in results.items() if n.startswith("hf-b")}
-    best_hf = max(hf_rows.values(), key=lambda r: r["images"] / r["run_s"], default=None)
+    def rate_of(r):
+        return r["images"] / r["run_s"]
+
+    fp32_rows = [r for n, r in results.items() if re.fullmatch(r"hf-b\d+", n)]  # transformers float32
+    best_hf = max(fp32_rows, key=rate_of, default=None)
+    hf_bf16 = results.get("hf-bf16-b8")
     reference = results.get("hf-b1") or best_hf  # top-1 labels of transformers float32
-    header = ["configuration", "images", "seconds", "images/s", "x hf (best)", "same top-1 as hf", "peak RSS MB"]
-    header += ["load s", "other CPU"]
+    header = ["configuration", "images", "seconds", "images/s", "x hf fp32 (best)", "x hf bf16 b8"]
+    header += ["same top-1 as hf fp32", "peak RSS MB", "load s", "other CPU"]
     rows = []
     for name, r in results.items():
-        rate = r["images"] / r["run_s"]
-        x_hf = f"{rate / (best_hf['images'] / best_hf['run_s']):.2f}x" if best_hf else "-"
+        rate = rate_of(r)
+        x_hf = f"{rate / rate_of(best_hf):.2f}x" if best_hf else "-"
+        x_hf_bf16 = f"{rate / rate_of(hf_bf16):.2f}x" if hf_bf16 else "-"
         same = "-"
         if reference is not None and "top1" in r and r is not reference:
             pairs = list(zip(r["top1"], reference["top1"]))
             same = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         load = f"{r['load_s']:.1f}" if "load_s" in r else "-"
-        rows.append([name, r["images"], f"{r['run_s']:.1f}", f"{rate:.2f}", x_hf, same, rss, load])
+        rows.append([name, r["images"], f"{r['run_s']:.1f}", f"{rate:.2f}", x_hf, x_hf_bf16, same, rss, load])
         rows[-1].append(f"{100 * r['other_cpu']:.0f}%")
     lines = [machine(args.threads, peers=("transformers", "PIL", "ray")), *markdown_table(header, rows)]
     breakdown = [(n, r["breakdown_ms"]) for n, r in results.items() if "breakdown_ms" in r]
@@ -315,7 +358,7 @@ def report(results: dict, args) -> list[str]:
     for name, r in results.items():
         if name not in RAY:
             continue
-        ours = results.get("ours-" + name.split("-", 1)[1])
+        ours = results.get("ours-" + name.rsplit("-", 1)[1])
         lines.append(f"{name}: workers {r['workers']}; stage busy s {r['stage_busy_s']}; errors {r['errors']}")
         lines.append(f"{name}: submit to end {r['wall_s']:.1f} s; machine busy CPU-s {r['machine_busy_cpu_s']:.0f}")
         if ours is not None:

@@ -27,6 +27,7 @@ class ImagePipeline(Pipeline):
 
     processor_kind = "image"
     model_input_names = ("pixels",)
+    budget_defaults = ("image_batch_size", "max_batch_tokens")  # DEVICE_DEFAULTS: images per micro-batch
 
     def _is_single(self, inputs) -> bool:
         return isinstance(inputs, SINGLE_IMAGES)

@@ -63,6 +63,7 @@ class ImageEmbeddingsPipeline(_SharedSpaceEmbeddings):
 
     task = "image-embeddings"
     processor_kind = "image"
+    budget_defaults = ("image_batch_size", "max_batch_tokens")  # DEVICE_DEFAULTS: images per micro-batch
     model_input_names = ("pixels",)
 
     def _is_single(self, inputs) -> bool:

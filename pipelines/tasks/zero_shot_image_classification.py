@@ -81,6 +81,7 @@ class ZeroShotImageClassificationPipeline(Pipeline):
 
     task = "zero-shot-image-classification"
     processor_kind = "image-text"
+    budget_defaults = ("image_batch_size", "max_batch_tokens")  # DEVICE_DEFAULTS: images per micro-batch
     model_input_names = ("pixels",)
 
     def __init__(self, *args, **kwargs):
