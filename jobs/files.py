@@ -29,8 +29,6 @@ INPUT_FORMATS = {
     "text": (".txt", ".text"),
     "images": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
 }
-# The images format reads each file whole ("bytes", with its "path"); decoding is the preprocess stage's.
-IMAGE_COLUMNS = ("bytes", "path")
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PART_PREFIX = "part-"
 READ_CPUS = 0.25  # read tasks share 2-core machines with the model actor, as the CPU stages do

@@ -76,15 +76,10 @@ def image_bytes(text: str) -> bytes:
     A path or a URL is refused, whatever exists at it: a server reading either for a client would open its own
     files or fetch for it (SSRF). The bytes are decoded later, by `load_image`, like any other bytes."""
     if text.startswith("data:"):
-        header, sep, payload = text.partition(",")
-        if sep and header.startswith("data:image/") and header.endswith(";base64"):
-            return _b64decode(payload, "data URI")
-        raise ImageInputError(
-            f"data URI {_clip(text)}: expected 'data:image/<type>;base64,<data>', got the header {header[:60]!r}"
-        )
+        return _data_uri_bytes(text)
     if _looks_like_base64(text):
         return _b64decode(text, "base64 string")
-    what = "a URL" if text.startswith(_SCHEMES) else "not base64"
+    what = "a URL" if is_url(text) else "not base64"
     raise ImageInputError(
         f"{_clip(text)} is {what}: a server reads an image as base64 data or a 'data:image/<type>;base64,' URI "
         "(or a raw image/* body), never a path or a URL"
@@ -101,8 +96,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _data_uri_bytes(text: str) -> bytes:
+    """The payload of a `data:image/<type>;base64,<data>` URI; any other data URI is refused naming its header."""
+    header, sep, payload = text.partition(",")
+    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ImageInputError(
+            f"data URI {_clip(text)}: expected 'data:image/<type>;base64,<data>', got the header {header[:60]!r}"
+        )
+    return _b64decode(payload, "data URI")
+
+
 def _from_string(text: str, allow_urls: bool, limit: int) -> Image.Image:
-    if text.startswith(_SCHEMES):
+    if is_url(text):
         if not allow_urls:
             raise ImageInputError(
                 f"URL {_clip(text)}: fetching URLs is not enabled (pass allow_urls=True to fetch it, or pass the "
@@ -110,12 +115,7 @@ def _from_string(text: str, allow_urls: bool, limit: int) -> Image.Image:
             )
         return _fetch(text, limit)
     if text.startswith("data:"):
-        header, sep, payload = text.partition(",")
-        if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
-            raise ImageInputError(
-                f"data URI {_clip(text)}: expected 'data:image/<type>;base64,<data>', got the header {header[:60]!r}"
-            )
-        return _decode(_b64decode(payload, "data URI"), f"data URI of {len(text)} characters", limit)
+        return _decode(_data_uri_bytes(text), f"data URI of {len(text)} characters", limit)
     if os.path.isfile(text):
         return _open_file(Path(text), limit)
     if _looks_like_base64(text):
@@ -227,7 +227,7 @@ def fetch_image_bytes(url: str, max_bytes: int = MAX_URL_BYTES) -> bytes:
     import urllib.error
     import urllib.request
 
-    if not url.startswith(_SCHEMES):
+    if not is_url(url):
         raise ImageInputError(f"{_clip(url)} is not an http(s) URL")
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - the scheme is checked
