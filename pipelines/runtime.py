@@ -49,9 +49,8 @@ class DeviceDefaults:
 # On 2 CPU cores (MiniLM, mixed lengths) 128 rows / 2,048 tokens per micro-batch ran about 2x faster than 32 rows
 # without a budget (BENCHMARKS.md); accelerators want bigger batches. A Serve model call gathers more tokens than one
 # micro-batch holds: the pipeline cuts it into length-sorted micro-batches, so requests of mixed lengths pad little.
-# Images: a ViT-base micro-batch of 128 x 197 tokens is 1.8 GB of float32 activations on the CPU; 16 images ran as
-# fast or faster (2 cores, 128 images: bf16 106 ms/image at 16 against 132 at 128, fp32 234 against 236) with half
-# the peak memory (jobs.benchmarks.images, BENCHMARKS.md).
+# Images: ViT-base on 2 CPU cores, 128 images, micro-batches of 16 against 128: bf16 106 against 132 ms/image, fp32
+# 234 against 236, peak RSS in fp32 0.86 against 1.55 GB (BENCHMARKS.md, issue 14).
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     "cpu": DeviceDefaults(
         batch_size=128,
